@@ -1,0 +1,388 @@
+"""The one configuration tree of megatron-s2l.
+
+Every section is a dataclass whose fields carry their documentation as a comment. A config is built
+from YAML (`S2LConfig.from_yaml`) or a dict, then overridden by dotted `key=value` pairs from the
+command line, then validated once at start-up: `validate()` collects *every* error, each naming the
+field, the value, what is accepted and what to change. Unknown keys are errors, never ignored.
+
+Math modules never import this file: integrations unpack the section they need into keyword arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Raised with every problem found in a config, one per line."""
+
+
+def _choices(literal_type) -> tuple:
+    return typing.get_args(literal_type)
+
+
+ScheduleKind = Literal["linear", "cosine", "step", "constant"]
+GroupMode = Literal["combined", "separate"]
+ExplorerSource = Literal["online", "offline", "none"]
+AdvantageNorm = Literal["std", "none"]
+KLType = Literal["k1", "k3", "low_var_kl"]
+LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+ImportanceCorrection = Literal["none", "tis", "icepop"]
+LayerSpec = Literal["local", "te"]
+FP8Recipe = Literal["delayed", "tensorwise", "blockwise", "mxfp8"]
+OnBadPrompt = Literal["error", "drop"]
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a Qwen3/Llama-style GPT (used for the learner and, separately, the explorer)."""
+
+    num_layers: int = 2
+    hidden_size: int = 128
+    ffn_hidden_size: int = 384
+    num_attention_heads: int = 4
+    num_query_groups: int = 2  # GQA: key/value heads; equal to num_attention_heads for MHA
+    kv_channels: int = 32  # head_dim; vLLM's CPU attention needs one of 32, 64, 80, 96, 112, 128, ...
+    vocab_size: int = 512
+    max_position_embeddings: int = 512
+    rotary_base: float = 1_000_000.0
+    norm_epsilon: float = 1e-6
+    qk_layernorm: bool = True  # Qwen3: RMSNorm on q and k per head; Llama: False
+    tie_word_embeddings: bool = True
+    layer_spec: LayerSpec = "local"  # "te" needs Transformer Engine (GPU clusters)
+    hf_path: Optional[str] = None  # local HF directory to initialise from; never a hub id
+
+    def validate(self, at: str) -> list[str]:
+        errors = _positive(self, at, "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                           "num_query_groups", "kv_channels", "vocab_size", "max_position_embeddings")
+        if self.num_query_groups > 0 and self.num_attention_heads % self.num_query_groups:
+            errors.append(f"{at}.num_query_groups={self.num_query_groups}: must divide "
+                          f"{at}.num_attention_heads={self.num_attention_heads}")
+        return errors
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron model parallelism; data parallelism is world_size / (tp * pp)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    use_distributed_optimizer: bool = False
+
+    def validate(self, at: str) -> list[str]:
+        return _positive(self, at, "tensor_model_parallel_size", "pipeline_model_parallel_size")
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling settings of one rollout engine."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: no top-k
+    presence_penalty: float = 0.0
+    max_new_tokens: int = 64
+
+    def validate(self, at: str) -> list[str]:
+        errors = _positive(self, at, "max_new_tokens")
+        if self.temperature < 0:
+            errors.append(f"{at}.temperature={self.temperature}: must be >= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            errors.append(f"{at}.top_p={self.top_p}: must be in (0, 1]")
+        if self.top_k == 0 or self.top_k < -1:
+            errors.append(f"{at}.top_k={self.top_k}: must be -1 (off) or >= 1")
+        return errors
+
+
+@dataclass
+class EngineConfig:
+    """A colocated vLLM engine."""
+
+    tensor_parallel_size: int = 1
+    kv_cache_memory_bytes: int = 128 * 2**20  # CPU: explicit KV cache size; GPU: see gpu_memory_utilization
+    gpu_memory_utilization: float = 0.5
+    max_model_len: int = 512
+    enforce_eager: bool = True
+    seed: int = 0
+
+    def validate(self, at: str) -> list[str]:
+        errors = _positive(self, at, "tensor_parallel_size", "kv_cache_memory_bytes", "max_model_len")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            errors.append(f"{at}.gpu_memory_utilization={self.gpu_memory_utilization}: must be in (0, 1]")
+        return errors
+
+
+@dataclass
+class ExplorerConfig:
+    """The frozen smaller model that contributes G_w samples per prompt."""
+
+    source: ExplorerSource = "online"  # online: a vLLM engine; offline: a pre-generated cache; none: plain GRPO
+    hf_path: Optional[str] = None  # local HF directory of the explorer (online)
+    cache_path: Optional[str] = None  # JSONL cache written by tools/generate_explorer_cache.py (offline)
+    model_id: str = "explorer"  # recorded with every sample it produces
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.95))
+
+    def validate(self, at: str) -> list[str]:
+        errors = self.engine.validate(f"{at}.engine") + self.sampling.validate(f"{at}.sampling")
+        if self.source == "online" and not self.hf_path:
+            errors.append(f"{at}.hf_path is empty: source='online' needs the explorer's local HF directory "
+                          f"(or set {at}.source='offline' with {at}.cache_path)")
+        if self.source == "offline" and not self.cache_path:
+            errors.append(f"{at}.cache_path is empty: source='offline' needs a cache file "
+                          f"(write one with tools/generate_explorer_cache.py)")
+        return errors
+
+
+@dataclass
+class ScheduleConfig:
+    """How the explorer's share of each group anneals (S2L-PO Algorithm 1)."""
+
+    group_size: int = 8  # G: rollouts per prompt and step
+    t_mix: int = 8  # steps with explorer samples; after it, plain on-policy GRPO
+    kind: ScheduleKind = "linear"  # linear is the paper's alpha_i = 1 - (i-1)/(T_mix-1)
+    constant_share: float = 0.5  # alpha for kind="constant"
+    group_mode: GroupMode = "combined"  # combined: paper; separate: the authors' code (two optimizer steps)
+
+    def validate(self, at: str) -> list[str]:
+        errors = []
+        if self.group_size < 1:
+            errors.append(f"{at}.group_size={self.group_size}: must be >= 1 (the paper uses 8 or 16)")
+        if self.t_mix < 1:
+            errors.append(f"{at}.t_mix={self.t_mix}: must be >= 1 (set {at}.kind or explorer.source='none' "
+                          f"for plain GRPO); values above the number of steps are allowed")
+        if not 0 <= self.constant_share <= 1:
+            errors.append(f"{at}.constant_share={self.constant_share}: must be in [0, 1]")
+        return errors
+
+
+@dataclass
+class AdvantageConfig:
+    """Group-relative advantages over each (combined) group."""
+
+    norm: AdvantageNorm = "std"  # std: GRPO; none: Dr.GRPO (mean-centred only)
+    eps: float = 1e-6
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
+
+    def validate(self, at: str) -> list[str]:
+        return [] if self.eps > 0 else [f"{at}.eps={self.eps}: must be > 0"]
+
+
+@dataclass
+class LossConfig:
+    """The GRPO objective; field names are the keyword arguments of `algo.loss.GRPOLoss`."""
+
+    clip_low: float = 0.2  # ratio lower bound 1 - clip_low
+    clip_high: float = 0.2  # ratio upper bound 1 + clip_high (clip-higher: e.g. 0.28)
+    dual_clip: Optional[float] = None  # c > 1 bounds the loss for negative advantages
+    kl_coef: float = 0.001
+    kl_type: KLType = "low_var_kl"
+    entropy_coef: float = 0.0
+    aggregation: LossAggregation = "token-mean"
+    importance_correction: ImportanceCorrection = "none"  # against the behaviour policy (explorer or engine)
+    tis_cap: float = 2.0
+    icepop_low: float = 0.5
+    icepop_high: float = 2.0
+
+    def validate(self, at: str) -> list[str]:
+        errors = []
+        if not 0 <= self.clip_low < 1:
+            errors.append(f"{at}.clip_low={self.clip_low}: must be in [0, 1) (ratio floor is 1 - clip_low)")
+        if self.clip_high < 0:
+            errors.append(f"{at}.clip_high={self.clip_high}: must be >= 0")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            errors.append(f"{at}.dual_clip={self.dual_clip}: must be > 1 or null (off)")
+        if self.kl_coef < 0 or self.entropy_coef < 0:
+            errors.append(f"{at}.kl_coef/entropy_coef: must be >= 0")
+        if self.tis_cap <= 0:
+            errors.append(f"{at}.tis_cap={self.tis_cap}: must be > 0")
+        if not 0 <= self.icepop_low < 1 < self.icepop_high:
+            errors.append(f"{at}.icepop_low/icepop_high=({self.icepop_low}, {self.icepop_high}): "
+                          f"need 0 <= low < 1 < high")
+        return errors
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    clip_grad: float = 1.0
+    ppo_epochs: int = 1
+    mini_batch_prompts: int = 4  # prompts per optimizer step (all their samples)
+    micro_batch_size: int = 4  # sequences per forward/backward
+
+    def validate(self, at: str) -> list[str]:
+        errors = _positive(self, at, "lr", "ppo_epochs", "mini_batch_prompts", "micro_batch_size")
+        if self.clip_grad < 0:
+            errors.append(f"{at}.clip_grad={self.clip_grad}: must be >= 0 (0 disables clipping)")
+        return errors
+
+
+@dataclass
+class FP8Config:
+    """FP8 through Transformer Engine (GPU only)."""
+
+    enabled: bool = False
+    recipe: FP8Recipe = "tensorwise"
+
+    def validate(self, at: str) -> list[str]:
+        return []
+
+
+@dataclass
+class DataConfig:
+    train_path: Optional[str] = None  # JSONL or verl-style Parquet; None: the synthetic demo task
+    eval_path: Optional[str] = None
+    prompt_template: str = "chat"  # chat: the tokenizer's chat template; qwen3-base: the paper's prompt
+    max_prompt_length: int = 128
+    on_bad_prompt: OnBadPrompt = "error"  # error: stop with file and line; drop: skip and count
+    seed: int = 0
+
+    def validate(self, at: str) -> list[str]:
+        return _positive(self, at, "max_prompt_length")
+
+
+@dataclass
+class CheckpointConfig:
+    save_dir: Optional[str] = None
+    save_interval: int = 0  # steps between saves; 0: only at the end
+    load_dir: Optional[str] = None  # resume from the latest complete checkpoint here
+
+    def validate(self, at: str) -> list[str]:
+        return [] if self.save_interval >= 0 else [f"{at}.save_interval={self.save_interval}: must be >= 0"]
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard_dir: Optional[str] = None
+    log_interval: int = 1
+    eval_interval: int = 0  # steps between held-out evaluations; 0: never
+
+    def validate(self, at: str) -> list[str]:
+        return _positive(self, at, "log_interval")
+
+
+@dataclass
+class S2LConfig:
+    """The root of the tree."""
+
+    seed: int = 1234
+    train_steps: int = 16
+    prompts_per_step: int = 8
+    learner: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    learner_engine: EngineConfig = field(default_factory=EngineConfig)
+    learner_sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    explorer: ExplorerConfig = field(default_factory=ExplorerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> "S2LConfig":
+        """Check the whole tree; raise one ConfigError listing every problem."""
+        errors = _validate_tree(self, "")
+        errors += _positive(self, "", "train_steps", "prompts_per_step")
+        if self.prompts_per_step % self.optim.mini_batch_prompts:
+            errors.append(f"optim.mini_batch_prompts={self.optim.mini_batch_prompts}: must divide "
+                          f"prompts_per_step={self.prompts_per_step}")
+        if errors:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "S2LConfig":
+        return _build(cls, data or {}, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> "S2LConfig":
+        """Load a YAML file, apply `a.b.c=value` overrides (values parsed as YAML)."""
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+        return cls.from_dict(apply_overrides(data, overrides))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of `data` with each `dotted.key=yaml_value` set."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. schedule.t_mix=4")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def _build(cls, data: Any, at: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{at or 'config'}: expected a mapping for {cls.__name__}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{at or 'config'}: unknown key(s) {unknown}; accepted: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        path = f"{at}.{name}" if at else name
+        kwargs[name] = _build(hint, value, path) if dataclasses.is_dataclass(hint) else _coerce(hint, value, path)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, at: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{at}={value!r}: accepted values are {list(args)}")
+        return value
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(next(a for a in args if a is not type(None)), value, at)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not
+                                                (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{at}={value!r}: expected {hint.__name__}")
+    return value
+
+
+def _validate_tree(node, at: str) -> list[str]:
+    errors = []
+    for f in dataclasses.fields(node):
+        child = getattr(node, f.name)
+        path = f"{at}.{f.name}" if at else f.name
+        if dataclasses.is_dataclass(child) and hasattr(child, "validate"):
+            errors += child.validate(path)
+    return errors
+
+
+def _positive(node, at: str, *names: str) -> list[str]:
+    return [f"{at + '.' if at else ''}{n}={getattr(node, n)}: must be > 0"
+            for n in names if not getattr(node, n) > 0]

@@ -1,0 +1,1 @@
+"""Prompt datasets and the synthetic verifiable task of the CPU demo."""

@@ -1,0 +1,1 @@
+"""Launchers: Slurm and NeMo-Run."""

@@ -1,0 +1,1 @@
+"""The Megatron-Core learner: model provider, CPU shims, train step, checkpoints, HF weight mapping."""

