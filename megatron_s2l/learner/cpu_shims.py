@@ -1,0 +1,131 @@
+"""Small patches that let megatron-core run on CPU (gloo) for development and CI.
+
+megatron-core assumes CUDA in a handful of places. `apply_cpu_shims()` patches exactly those, once per
+process, and only when CUDA is absent: on a GPU it does nothing, so these can never change GPU runs.
+Each shim below says which megatron-core code needs it (measured with megatron-core 0.16.1).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_applied = False
+
+
+def apply_cpu_shims() -> None:
+    """Patch torch.cuda / megatron-core so megatron runs on CPU; idempotent, a no-op with CUDA."""
+    global _applied
+    if _applied or torch.cuda.is_available():
+        return
+    _route_cuda_rng_to_cpu()
+    _patch_cuda_device_calls()
+    _patch_grad_clipping()
+    _patch_tensor_type()
+    _patch_checkpoint_queue()
+    _CudaToCpu().__enter__()  # stays on the mode stack for the life of the process
+    _applied = True
+
+
+def _cpu_get_rng_state(device=None) -> torch.Tensor:
+    return torch.random.default_generator.get_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device=None, graph_safe: bool = False) -> None:
+    torch.random.default_generator.set_state(new_state)
+
+
+def _cpu_manual_seed(seed: int) -> None:
+    # not torch.manual_seed: it calls torch.cuda.manual_seed_all, which would recurse into this shim
+    torch.random.default_generator.manual_seed(int(seed))
+
+
+def _route_cuda_rng_to_cpu() -> None:
+    """Megatron's RNG tracker (model_parallel_cuda_manual_seed, and the fork every attention layer does
+    even with dropout 0) saves/restores CUDA generator states; on CPU the CPU generator plays that role."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    torch.cuda.get_rng_state = torch.cuda.random.get_rng_state = _cpu_get_rng_state
+    torch.cuda.set_rng_state = torch.cuda.random.set_rng_state = _cpu_set_rng_state
+    torch.cuda.manual_seed = _cpu_manual_seed
+    mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: _cpu_get_rng_state()
+    mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+
+
+def _patch_cuda_device_calls() -> None:
+    """`torch.cuda.current_device()` places RoPE buffers, p2p buffers and checkpoint tensors; `Tensor.cuda()`
+    moves the embedding grads synced between first and last PP stage (tied embeddings);
+    `synchronize` / `empty_cache` are called by p2p and the checkpoint writer."""
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.empty_cache = lambda: None
+
+
+def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad: bool = False) -> None:
+    """Device-agnostic `clip_grad_by_total_norm_fp32`: the original asserts `torch.cuda.FloatTensor`."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)  # same epsilon as megatron-core
+    if clip_coeff >= 1.0:
+        return
+    for param in parameters:
+        grad = param.decoupled_grad if use_decoupled_grad else param.grad
+        if grad is not None:
+            grad.detach().mul_(clip_coeff)
+
+
+def _patch_grad_clipping() -> None:
+    """optimizer.py imports the function by name, so both module attributes must point at the replacement."""
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    clip_grads.clip_grad_by_total_norm_fp32 = optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+
+
+_CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "torch.cuda.HalfTensor",
+                    torch.bfloat16: "torch.cuda.BFloat16Tensor"}
+
+
+def _patch_tensor_type() -> None:
+    """The distributed optimizer sorts parameters by `param.type()` and only accepts CUDA type names."""
+    original = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.dtype in _CUDA_TYPE_NAMES:
+            return _CUDA_TYPE_NAMES[self.dtype]
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+
+
+def _patch_checkpoint_queue() -> None:
+    """The async checkpoint writer makes its results queue from a spawn-context Manager, whose server
+    process re-imports `__main__` (4-10 s per rank); a fork-context Manager starts at once."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    def fork_queue():
+        if filesystem_async._results_queue is None:
+            filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+        return filesystem_async._results_queue
+
+    filesystem_async._get_write_results_queue = fork_queue
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites `device="cuda"` (or a CUDA torch.device / index) keyword arguments to CPU: the schedules
+    allocate loss and p2p buffers, and the optimizer its step/overflow tensors, with device="cuda"."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and _is_cuda(device):
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, int):
+        return True  # a bare index means a CUDA ordinal
+    return torch.device(device).type == "cuda"

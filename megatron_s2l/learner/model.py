@@ -1,0 +1,123 @@
+"""The learner model: Megatron-Core parallel state and a Qwen3/Llama-style `GPTModel` built from config.
+
+`init_parallel` sets up tensor/pipeline/data parallel groups (gloo on CPU, NCCL on GPU) once per
+process; `build_model` returns this rank's pipeline stage of the model. The local (pure megatron-core)
+layer spec runs everywhere; the Transformer Engine spec (`layer_spec="te"`) is imported only when asked.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+from megatron_s2l.config import FP8Config, ModelConfig, ParallelConfig
+from megatron_s2l.learner.cpu_shims import apply_cpu_shims
+from megatron_s2l.learner.fp8 import fp8_transformer_fields, require_transformer_engine
+
+
+def init_parallel(parallel: ParallelConfig, seed: int) -> None:
+    """Initialise torch.distributed (from torchrun's env, or a single process) and Megatron's groups.
+
+    Idempotent for the same layout. Seeds Megatron's model-parallel RNG tracker so that TP ranks draw
+    the same dropout masks where they must and different ones where they must not.
+    """
+    apply_cpu_shims()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29512")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, rank=int(os.environ.get("RANK", 0)),
+                                world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise ValueError(f"parallel.tensor_model_parallel_size={tp} x pipeline_model_parallel_size={pp} must "
+                         f"divide the world size {world}")
+    if parallel_state.model_parallel_is_initialized():
+        if (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()) != (tp, pp):
+            raise RuntimeError("Megatron parallel state is already initialised with another TP x PP layout")
+    else:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, fp8: FP8Config | None = None, *,
+                       params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    """The megatron-core TransformerConfig of a Qwen3/Llama-style decoder (RMSNorm, SwiGLU, GQA, RoPE)."""
+    if model.vocab_size % parallel.tensor_model_parallel_size:
+        raise ValueError(f"learner.vocab_size={model.vocab_size} must be divisible by "
+                         f"parallel.tensor_model_parallel_size={parallel.tensor_model_parallel_size} "
+                         f"(pad the vocabulary when converting the checkpoint)")
+    if model.num_layers % parallel.pipeline_model_parallel_size:
+        raise ValueError(f"learner.num_layers={model.num_layers} must be divisible by "
+                         f"parallel.pipeline_model_parallel_size={parallel.pipeline_model_parallel_size}")
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        layernorm_epsilon=model.norm_epsilon,
+        normalization="RMSNorm",
+        qk_layernorm=model.qk_layernorm,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        **fp8_transformer_fields(fp8 or FP8Config(), model.layer_spec),
+    )
+
+
+def layer_spec(model: ModelConfig):
+    """The transformer layer spec named by `model.layer_spec`."""
+    if model.layer_spec == "te":
+        require_transformer_engine("learner.layer_spec='te'")
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+    return get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+
+
+def build_model(model: ModelConfig, config: TransformerConfig) -> GPTModel:
+    """This rank's pipeline stage of the GPT; `init_parallel` must have run.
+
+    Logits stay vocab-parallel (`parallel_output=True`): log-probs are gathered from the shards, never
+    from full-vocabulary logits.
+    """
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model),
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=model.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(model.rotary_base),
+    )
+    if torch.cuda.is_available():
+        gpt.cuda(torch.cuda.current_device())
+    return gpt
