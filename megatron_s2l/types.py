@@ -17,6 +17,17 @@ Source = Literal["explorer", "learner"]
 
 
 @dataclass
+class Prompt:
+    """A tokenised prompt with what its responses are checked against."""
+
+    prompt_id: str
+    prompt_ids: list[int]
+    ground_truth: str
+    text: str = ""  # the prompt as text, after the template (for logs and caches)
+    data_source: str = ""
+
+
+@dataclass
 class Sample:
     """One rollout: a response to a prompt and where it came from."""
 
