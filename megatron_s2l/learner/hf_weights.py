@@ -1,0 +1,401 @@
+"""The one mapping between Hugging Face Qwen3/Llama checkpoints and megatron-core's GPTModel.
+
+Checkpoint conversion (tools/convert_*.py through `learner.convert`) and the vLLM refit
+(`rollout.refit`) both go through this module, so the two can never disagree.
+
+Layout of megatron-core's fused tensors (per transformer layer):
+- `linear_qkv.weight` [G * (h/G + 2) * d, H]: for each of the G query groups, its h/G query heads, then
+  its key head, then its value head (d = head_dim). Column-parallel: TP rank r holds groups
+  [r*G/TP, (r+1)*G/TP), a contiguous block of rows, so sharding is a plain split of the fused tensor.
+- `linear_fc1.weight` [2F, H]: gate rows then up rows. Column-parallel: rank r holds its slice of the
+  gate rows followed by its slice of the up rows (each half is split separately).
+- Row-parallel `linear_proj` / `linear_fc2` split their input dimension (dim 1); the embedding and the
+  output layer split the vocabulary (dim 0); norms are replicated.
+The local and Transformer Engine layer specs differ only in where the two pre-norms live (TE fuses
+them into the following linear as `layer_norm_weight`). Pipeline stages are mapped through each
+layer's global `layer_number`, so any split of layers over stages (and virtual stages) works.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_s2l.config import ModelConfig
+
+# model_type in config.json -> the architecture class name written back.
+HF_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+
+# How a megatron tensor is built from its HF tensors and split over tensor-parallel ranks.
+REPLICATED, COLUMN, ROW, QKV, FC1 = "replicated", "column", "row", "qkv", "fc1"
+
+# Per-layer parameters: megatron suffix (local spec) -> (HF suffixes, layout). TE renames the two pre-norms.
+_LAYER = {
+    "input_layernorm.weight": (("input_layernorm.weight",), REPLICATED),
+    "self_attention.linear_qkv.weight": (("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                          "self_attn.v_proj.weight"), QKV),
+    "self_attention.q_layernorm.weight": (("self_attn.q_norm.weight",), REPLICATED),
+    "self_attention.k_layernorm.weight": (("self_attn.k_norm.weight",), REPLICATED),
+    "self_attention.linear_proj.weight": (("self_attn.o_proj.weight",), ROW),
+    "pre_mlp_layernorm.weight": (("post_attention_layernorm.weight",), REPLICATED),
+    "mlp.linear_fc1.weight": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), FC1),
+    "mlp.linear_fc2.weight": (("mlp.down_proj.weight",), ROW),
+}
+_QK_NORMS = {"self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"}  # Qwen3 only
+_TE_NAMES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+             "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+_EMBEDDING, _FINAL_NORM, _OUTPUT = "embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight"
+
+
+@dataclass(frozen=True)
+class WeightEntry:
+    """One megatron parameter (its global name, i.e. with global layer numbers) and its HF tensors."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    hf_shapes: tuple[tuple[int, ...], ...]
+    layout: str
+
+
+def weight_map(cfg: ModelConfig) -> list[WeightEntry]:
+    """Every parameter of the full model in canonical order (embedding, layers, final norm, output)."""
+    hidden, d, ffn, vocab = cfg.hidden_size, cfg.kv_channels, cfg.ffn_hidden_size, cfg.vocab_size
+    q_rows, kv_rows = cfg.num_attention_heads * d, cfg.num_query_groups * d
+    shapes = {
+        "input_layernorm.weight": ((hidden,),),
+        "self_attention.linear_qkv.weight": ((q_rows, hidden), (kv_rows, hidden), (kv_rows, hidden)),
+        "self_attention.q_layernorm.weight": ((d,),),
+        "self_attention.k_layernorm.weight": ((d,),),
+        "self_attention.linear_proj.weight": ((hidden, q_rows),),
+        "pre_mlp_layernorm.weight": ((hidden,),),
+        "mlp.linear_fc1.weight": ((ffn, hidden), (ffn, hidden)),
+        "mlp.linear_fc2.weight": ((hidden, ffn),),
+    }
+    entries = [WeightEntry(_EMBEDDING, ("model.embed_tokens.weight",), ((vocab, hidden),), COLUMN)]
+    for layer in range(cfg.num_layers):
+        for suffix, (hf_suffixes, layout) in _LAYER.items():
+            if suffix in _QK_NORMS and not cfg.qk_layernorm:
+                continue
+            name = _TE_NAMES.get(suffix, suffix) if cfg.layer_spec == "te" else suffix
+            entries.append(WeightEntry(f"decoder.layers.{layer}.{name}",
+                                       tuple(f"model.layers.{layer}.{s}" for s in hf_suffixes),
+                                       shapes[suffix], layout))
+    entries.append(WeightEntry(_FINAL_NORM, ("model.norm.weight",), ((hidden,),), REPLICATED))
+    if not cfg.tie_word_embeddings:
+        entries.append(WeightEntry(_OUTPUT, ("lm_head.weight",), ((vocab, hidden),), COLUMN))
+    return entries
+
+
+# ---------------------------------------------------------------- tensor layouts (pure)
+
+def to_megatron(layout: str, hf: Sequence[torch.Tensor], num_query_groups: int) -> torch.Tensor:
+    """Fuse the HF tensors of one entry into the full (unsharded) megatron tensor."""
+    if layout == QKV:
+        q, k, v = hf  # [h*d, H], [G*d, H], [G*d, H]
+        hidden = q.shape[-1]
+        per_group = [t.reshape(num_query_groups, -1, hidden) for t in (q, k, v)]  # [G, rows/G, H] each
+        return torch.cat(per_group, dim=1).reshape(-1, hidden)  # [G*(h/G+2)*d, H]
+    if layout == FC1:
+        return torch.cat(hf, dim=0)  # [2F, H]: gate then up
+    (tensor,) = hf
+    return tensor
+
+
+def to_hf(layout: str, full: torch.Tensor, num_attention_heads: int, num_query_groups: int) -> tuple[torch.Tensor, ...]:
+    """Split a full megatron tensor back into its HF tensors (the inverse of `to_megatron`)."""
+    if layout == QKV:
+        hidden = full.shape[-1]
+        head_dim = full.shape[0] // (num_attention_heads + 2 * num_query_groups)
+        q_rows = num_attention_heads // num_query_groups * head_dim
+        grouped = full.reshape(num_query_groups, q_rows + 2 * head_dim, hidden)  # [G, (h/G+2)*d, H]
+        q, k, v = grouped.split([q_rows, head_dim, head_dim], dim=1)
+        return tuple(t.reshape(-1, hidden) for t in (q, k, v))  # [h*d, H], [G*d, H], [G*d, H]
+    if layout == FC1:
+        return tuple(full.chunk(2, dim=0))  # gate [F, H], up [F, H]
+    return (full,)
+
+
+def shard(layout: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """Tensor-parallel rank `rank`'s slice of a full megatron tensor (of `size` ranks)."""
+    if layout == REPLICATED:
+        return full
+    if layout == ROW:
+        return full.chunk(size, dim=1)[rank]
+    if layout == FC1:
+        return torch.cat([half.chunk(size, dim=0)[rank] for half in full.chunk(2, dim=0)], dim=0)
+    return full.chunk(size, dim=0)[rank]  # COLUMN, QKV: query groups are contiguous rows
+
+
+def unshard(layout: str, shards: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The full megatron tensor from every tensor-parallel rank's slice, in rank order."""
+    if layout == REPLICATED:
+        return shards[0]
+    if layout == ROW:
+        return torch.cat(shards, dim=1)
+    if layout == FC1:
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)  # gates, then ups
+    return torch.cat(shards, dim=0)
+
+
+def _full_shape(entry: WeightEntry) -> tuple[int, ...]:
+    rows = sum(s[0] for s in entry.hf_shapes) if entry.layout in (QKV, FC1) else entry.hf_shapes[0][0]
+    return (rows, *entry.hf_shapes[0][1:])
+
+
+# ---------------------------------------------------------------- config.json <-> ModelConfig
+
+def model_config_from_hf(path: str | Path) -> ModelConfig:
+    """ModelConfig of a local HF Qwen3 or Llama checkpoint (a directory with config.json, or the file).
+
+    Raises ValueError naming the file and field for architectures this mapping cannot represent.
+    """
+    path = Path(path)
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
+        raise ValueError(f"{config_file}: no such file; expected a local Hugging Face model directory "
+                         f"with config.json (hub ids are not downloaded)")
+    hf = json.loads(config_file.read_text())
+    family = hf.get("model_type")
+    if family not in HF_ARCHITECTURES:
+        raise ValueError(f"{config_file}: model_type={family!r} (architectures={hf.get('architectures')}) is "
+                         f"not supported; accepted: {sorted(HF_ARCHITECTURES)} "
+                         f"(use --backend bridge for other architectures)")
+    unsupported = {"hidden_act": ("silu", hf.get("hidden_act", "silu")),
+                   "attention_bias": (False, hf.get("attention_bias", False)),
+                   "mlp_bias": (False, hf.get("mlp_bias", False)),
+                   "use_sliding_window": (False, hf.get("use_sliding_window", False)),
+                   "rope type": ("default", _rope(hf)[1])}
+    for field_name, (accepted, value) in unsupported.items():
+        if value != accepted:
+            raise ValueError(f"{config_file}: {field_name}={value!r} is not supported by the megatron-s2l "
+                             f"mapping (accepted: {accepted!r}); convert with --backend bridge instead")
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf["max_position_embeddings"],
+        rotary_base=float(_rope(hf)[0]),
+        norm_epsilon=hf["rms_norm_eps"],
+        qk_layernorm=family == "qwen3",
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        hf_path=str(config_file.parent),
+    )
+
+
+def _rope(hf: Mapping) -> tuple[float, str]:
+    """(theta, rope type) from a transformers 5 `rope_parameters` or a legacy `rope_theta`/`rope_scaling`."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    return params.get("rope_theta", hf.get("rope_theta", 10000.0)), rope_type
+
+
+def hf_family(cfg: ModelConfig) -> str:
+    """The HF family whose architecture `cfg` is: qk-layernorm means Qwen3, none means Llama."""
+    return "qwen3" if cfg.qk_layernorm else "llama"
+
+
+def hf_config(cfg: ModelConfig, family: str | None = None) -> dict:
+    """The config.json contents of `cfg` as an HF `family` model (default: `hf_family(cfg)`).
+
+    Writes the rope base both as transformers 5 `rope_parameters` and as the legacy `rope_theta`, so
+    older transformers and vLLM releases read the same model.
+    """
+    family = family or hf_family(cfg)
+    if family not in HF_ARCHITECTURES:
+        raise ValueError(f"family={family!r}: accepted values are {sorted(HF_ARCHITECTURES)}")
+    if cfg.qk_layernorm != (family == "qwen3"):
+        raise ValueError(f"family={family!r} does not match qk_layernorm={cfg.qk_layernorm}: Qwen3 has "
+                         f"q/k norms and Llama has none; pass family={hf_family(cfg)!r}")
+    config = {
+        "architectures": [HF_ARCHITECTURES[family]],
+        "model_type": family,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups,
+        "head_dim": cfg.kv_channels,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.norm_epsilon,
+        "rope_theta": cfg.rotary_base,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+    }
+    config.update({"use_sliding_window": False, "sliding_window": None} if family == "qwen3" else {"mlp_bias": False})
+    return config
+
+
+# ---------------------------------------------------------------- the model's own parameters
+
+def _local_parameters(model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig) -> dict[str, torch.nn.Parameter]:
+    """This rank's parameters by global name (layer indices made global through `layer_number`).
+
+    The tied output layer of a last pipeline stage (a copy of the embedding) is returned under its own
+    name `output_layer.weight` so callers can treat it apart.
+    """
+    params = {}
+    for chunk in model_chunks:
+        layer_numbers = [layer.layer_number for layer in chunk.decoder.layers]
+        for name, param in chunk.named_parameters():
+            if name.startswith("decoder.layers."):
+                _, _, local, rest = name.split(".", 3)
+                name = f"decoder.layers.{layer_numbers[int(local)] - 1}.{rest}"
+            params[name] = param
+    return params
+
+
+def _check_model(params: Mapping[str, torch.nn.Parameter], entries: Mapping[str, WeightEntry],
+                 cfg: ModelConfig, model_chunks: Sequence[torch.nn.Module]) -> None:
+    """Refuse a model whose parameters are not the ones `cfg` describes (e.g. built from another config)."""
+    expected = set()
+    for chunk in model_chunks:
+        if chunk.pre_process:
+            expected.add(_EMBEDDING)
+        for layer in chunk.decoder.layers:
+            prefix = f"decoder.layers.{layer.layer_number - 1}."
+            expected |= {name for name in entries if name.startswith(prefix)}
+        if chunk.post_process:
+            expected |= {_FINAL_NORM, _OUTPUT} if (not cfg.tie_word_embeddings or not chunk.pre_process) else {_FINAL_NORM}
+    unknown, missing = sorted(set(params) - expected), sorted(expected - set(params))
+    if unknown or missing:
+        raise ValueError(f"the Megatron model does not match the config (layer_spec={cfg.layer_spec!r}, "
+                         f"qk_layernorm={cfg.qk_layernorm}, tie_word_embeddings={cfg.tie_word_embeddings}): "
+                         f"unexpected parameters {unknown[:6]}, missing parameters {missing[:6]}; build the "
+                         f"model from the same ModelConfig")
+
+
+def _check_tp(cfg: ModelConfig, tp: int) -> None:
+    if cfg.vocab_size % tp:
+        raise ValueError(f"vocab_size={cfg.vocab_size} is not divisible by tensor_model_parallel_size={tp}: "
+                         f"pad the vocabulary to a multiple of {tp} (e.g. resize the HF model's token "
+                         f"embeddings with model.resize_token_embeddings(n, pad_to_multiple_of={tp})) before "
+                         f"converting")
+    for field_name in ("num_query_groups", "ffn_hidden_size"):
+        if getattr(cfg, field_name) % tp:
+            raise ValueError(f"{field_name}={getattr(cfg, field_name)} is not divisible by "
+                             f"tensor_model_parallel_size={tp}: choose a TP size that divides it")
+
+
+# ---------------------------------------------------------------- load / export
+
+def check_hf_state(cfg: ModelConfig, state: Mapping[str, torch.Tensor], source: str = "the HF state") -> None:
+    """Refuse an HF state whose names or shapes differ from what `cfg` describes.
+
+    Only names and shapes are read (a lazy mapping such as `convert.SafetensorsCheckpoint` loads nothing).
+    """
+    expected = {name: shape for entry in weight_map(cfg) for name, shape in zip(entry.hf, entry.hf_shapes)}
+    present = {name for name in state if not name.endswith("rotary_emb.inv_freq")}  # a buffer old exports kept
+    missing, unexpected = sorted(set(expected) - present), sorted(present - set(expected))
+    if unexpected == ["lm_head.weight"] and cfg.tie_word_embeddings:
+        raise ValueError(f"{source} has lm_head.weight but its config says tie_word_embeddings=true: the "
+                         f"checkpoint is untied; set tie_word_embeddings=false in its config.json")
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match a {hf_family(cfg)} model with {cfg.num_layers} layers "
+                         f"(tie_word_embeddings={cfg.tie_word_embeddings}): missing tensors {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+    for name, shape in expected.items():
+        got = tuple(_shape_of(state, name))
+        if got != shape:
+            raise ValueError(f"{source}: tensor {name} has shape {list(got)} but the config describes "
+                             f"{list(shape)}; the checkpoint and its config.json disagree")
+
+
+def _shape_of(state: Mapping[str, torch.Tensor], name: str) -> Sequence[int]:
+    shape_fn = getattr(state, "shape", None)  # lazy mappings report shapes without loading the tensor
+    return shape_fn(name) if callable(shape_fn) else state[name].shape
+
+
+def load_hf_weights(model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig,
+                    state: Mapping[str, torch.Tensor], *, progress: bool = False) -> None:
+    """Copy this rank's tensor/pipeline-parallel shards of the HF tensors `state` into `model_chunks`.
+
+    `state` maps HF names to full tensors and is read one tensor at a time (pass a lazy mapping to
+    stream from disk). Every rank checks names and shapes first and refuses any mismatch. Not a
+    collective: each rank reads only the tensors of its own stage.
+    """
+    tp_rank, tp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+    _check_tp(cfg, tp)
+    check_hf_state(cfg, state)
+    entries = {entry.megatron: entry for entry in weight_map(cfg)}
+    params = _local_parameters(model_chunks, cfg)
+    _check_model(params, entries, cfg, model_chunks)
+    items = list(params.items())
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc="loading HF tensors", unit="tensor")
+    for name, param in items:
+        entry = entries[_EMBEDDING] if name == _OUTPUT and cfg.tie_word_embeddings else entries[name]
+        full = to_megatron(entry.layout, [state[hf_name] for hf_name in entry.hf], cfg.num_query_groups)
+        local = shard(entry.layout, full, tp_rank, tp)
+        if local.shape != param.shape:
+            raise ValueError(f"{name}: the HF tensors give a TP shard of shape {list(local.shape)} but the "
+                             f"model's parameter has {list(param.shape)}; build the model from this config")
+        with torch.no_grad():
+            param.copy_(local)
+
+
+def export_hf_weights(model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, full tensor) for the whole model, one tensor at a time, identically on every rank.
+
+    A collective over the tensor- and pipeline-parallel groups: every rank of the model-parallel group
+    must consume the whole generator. Each megatron tensor is all-gathered over TP on the stage that
+    holds it, broadcast to the other stages, and split into its HF tensors, so peak extra memory is one
+    fused tensor. Tensors keep the parameters' dtype and device.
+    """
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    _check_tp(cfg, tp)
+    entries = weight_map(cfg)
+    params = _local_parameters(model_chunks, cfg)
+    _check_model(params, {e.megatron: e for e in entries}, cfg, model_chunks)
+    if cfg.tie_word_embeddings:
+        params.pop(_OUTPUT, None)  # a last stage's copy of the embedding: exported once, as the embedding
+    owners = _pipeline_owners(set(params), pp)
+    sample = next(iter(params.values()))
+    for entry in entries:
+        if owners[entry.megatron] == parallel_state.get_pipeline_model_parallel_rank():
+            full = _gather_tp(entry.layout, params[entry.megatron].detach(), tp)
+        else:
+            full = torch.empty(_full_shape(entry), dtype=sample.dtype, device=sample.device)
+        if pp > 1:
+            group = parallel_state.get_pipeline_model_parallel_group()
+            dist.broadcast(full, src=dist.get_global_rank(group, owners[entry.megatron]), group=group)
+        yield from zip(entry.hf, to_hf(entry.layout, full, cfg.num_attention_heads, cfg.num_query_groups))
+        del full
+
+
+def _gather_tp(layout: str, local: torch.Tensor, tp: int) -> torch.Tensor:
+    if tp == 1 or layout == REPLICATED:
+        return local
+    shards = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(shards, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return unshard(layout, shards)
+
+
+def _pipeline_owners(names: set[str], pp: int) -> dict[str, int]:
+    """Global parameter name -> the pipeline rank holding it (one small object all-gather)."""
+    if pp == 1:
+        return dict.fromkeys(names, 0)
+    per_stage: list = [None] * pp
+    dist.all_gather_object(per_stage, sorted(names), group=parallel_state.get_pipeline_model_parallel_group())
+    return {name: stage for stage, stage_names in enumerate(per_stage) for name in stage_names}
