@@ -1,0 +1,151 @@
+"""Per-token log-probs and entropy from vocab-parallel (tensor-parallel sharded) logits.
+
+Each TP rank holds logits for a contiguous slice of the vocabulary, [B, T, V/TP]. Gathering them into
+[B, T, V] costs TP times the memory (151,936 x 4 bytes = 0.6 MB per token for Qwen3 in fp32), so
+this module reduces per-token statistics instead, as NeMo-RL's `DistributedLogprob` does:
+
+    m      = all_reduce_max(max_v x_v)                      global max, for a stable exp
+    S      = all_reduce_sum(sum_v exp(x_v - m))             global partition function, log Z = m + log S
+    x_t    = all_reduce_sum(x_target if owned else 0)       the target logit, from the shard that owns it
+    E      = all_reduce_sum(sum_v p_v (x_v - m))            E_p[x] - m, only for the entropy
+    logp   = x_t - m - log S
+    H      = log S - E
+
+The three sums travel in one all-reduce. The backward needs no communication: with the per-token
+m, log S and E saved, each rank forms the gradient of its own slice,
+
+    d logp / d x_v = onehot_v(target) - p_v
+    d H    / d x_v = -p_v (x_v - E_p[x])
+
+Math is fp32 whatever the logits' dtype. Tokens are processed `chunk_size` at a time in forward and
+again (recomputing the softmax) in backward, so the fp32 work space is a few [chunk, V/TP] tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def _shards(group: Optional[dist.ProcessGroup]) -> bool:
+    """True when `group` spans more than one rank (None or a size-1 group is a single shard)."""
+    return group is not None and dist.get_world_size(group) > 1
+
+
+def _chunks(num_tokens: int, chunk_size: Optional[int]):
+    step = chunk_size or max(num_tokens, 1)
+    return ((start, min(start + step, num_tokens)) for start in range(0, num_tokens, step))
+
+
+def _forward_chunk(x: Tensor, targets: Tensor, group, vocab_start: int, with_entropy: bool):
+    """Statistics of one chunk of tokens: x [n, V_local] any dtype, targets [n] global ids.
+
+    Returns logp [n], entropy [n] or None, and what the backward needs: m [n], log S [n], E [n] or
+    None, and how many shards own each target [n] (1 everywhere for valid targets).
+    """
+    x = x.float()  # [n, V_local] a copy only for low-precision logits
+    sharded = _shards(group)
+    m = x.max(dim=-1).values  # [n]
+    if sharded:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    z = x - m.unsqueeze(-1)  # [n, V_local] <= 0
+    e = z.exp()  # [n, V_local]
+    local = targets - vocab_start  # [n]
+    owned = (local >= 0) & (local < x.shape[-1])  # [n]
+    z_target = z.gather(-1, local.clamp(0, x.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)  # [n]
+    rows = [e.sum(dim=-1), torch.where(owned, z_target, 0.0), owned.float()]  # 3 x [n]
+    if with_entropy:
+        rows.append(e.mul_(z).sum(dim=-1))  # [n] sum_v e_v z_v; e is not needed after this
+    stats = torch.stack(rows)  # [3 or 4, n]
+    if sharded:
+        dist.all_reduce(stats, group=group)
+    log_s = stats[0].log()  # [n]
+    logp = stats[1] - log_s  # [n]
+    expectation = stats[3] / stats[0] if with_entropy else None  # [n] E_p[z]
+    entropy = log_s - expectation if with_entropy else None  # [n]
+    return logp, entropy, m, log_s, expectation, stats[2]
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    """Log-probs (and entropy) of flattened tokens; logits [N, V_local], targets [N]."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, group, vocab_start, chunk_size, with_entropy):
+        n = logits.shape[0]
+        logp = logits.new_empty(n, dtype=torch.float32)  # [N]
+        entropy = logits.new_empty(n if with_entropy else 0, dtype=torch.float32)  # [N] or [0]
+        m, log_s = torch.empty_like(logp), torch.empty_like(logp)  # [N]
+        expectation = torch.empty_like(entropy)  # [N] or [0]
+        owners = torch.empty_like(logp)  # [N]
+        for a, b in _chunks(n, chunk_size):
+            lp, h, m[a:b], log_s[a:b], ex, owners[a:b] = _forward_chunk(
+                logits[a:b], targets[a:b], group, vocab_start, with_entropy)
+            logp[a:b] = lp
+            if with_entropy:
+                entropy[a:b], expectation[a:b] = h, ex
+        # One host sync per call, not per chunk: every rank sees the same reduced counts.
+        if n and not bool((owners == 1).all()):
+            bad = targets[owners != 1].unique()[:5].tolist()
+            raise ValueError(f"targets {bad}: not in the vocabulary (each target must be a global id owned by "
+                             f"exactly one shard [vocab_start, vocab_start + V_local)); mask them by replacing "
+                             f"them with a valid id such as the pad id")
+        ctx.save_for_backward(logits, targets, m, log_s, expectation)
+        ctx.vocab_start, ctx.chunk_size, ctx.with_entropy = vocab_start, chunk_size, with_entropy
+        return (logp, entropy) if with_entropy else logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        logits, targets, m, log_s, expectation = ctx.saved_tensors
+        grad = torch.empty_like(logits)  # [N, V_local] in the logits' dtype
+        v_local = logits.shape[-1]
+        for a, b in _chunks(logits.shape[0], ctx.chunk_size):
+            z = logits[a:b].float() - m[a:b].unsqueeze(-1)  # [n, V_local] x - m
+            p = (z - log_s[a:b].unsqueeze(-1)).exp_()  # [n, V_local] softmax over the full vocabulary
+            g = grad_logp[a:b].unsqueeze(-1)  # [n, 1]
+            if ctx.with_entropy:
+                # -p (g_logp + g_H (x - E_p[x])), formed in place in z
+                coef = z.sub_(expectation[a:b].unsqueeze(-1)).mul_(grad_entropy[a:b].unsqueeze(-1)).add_(g)
+                p.mul_(coef).neg_()
+            else:
+                p.mul_(-g)
+            local = targets[a:b] - ctx.vocab_start  # [n]
+            owned = (local >= 0) & (local < v_local)  # [n]
+            rows = torch.arange(b - a, device=logits.device)[owned]  # [n_owned]
+            p[rows, local[owned]] += grad_logp[a:b][owned]  # the one-hot term of the target's owner
+            grad[a:b] = p
+        return grad, None, None, None, None, None
+
+
+def vocab_parallel_logprobs(logits: Tensor, targets: Tensor, *, group: Optional[dist.ProcessGroup] = None,
+                            vocab_start: int = 0, chunk_size: Optional[int] = None,
+                            with_entropy: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    """Per-token log p(target) and entropy of the softmax over the full (sharded) vocabulary.
+
+    logits: [B, T, V_local], this rank's vocabulary slice [vocab_start, vocab_start + V_local), any
+    float dtype (the math is fp32). targets: [B, T] global token ids, each owned by exactly one shard.
+    group: the tensor-parallel process group over which the vocabulary is split; None (or a group of
+    one) means the logits hold the whole vocabulary. chunk_size: tokens processed at a time (None: all
+    at once); bounds the fp32 work space to a few [chunk_size, V_local] tensors in forward and backward.
+    Returns log-probs [B, T] fp32 and entropy [B, T] fp32 (None unless `with_entropy`), both
+    differentiable w.r.t. `logits`. Collective over `group`: every rank must call it with its shard.
+    """
+    if logits.dim() != 3 or targets.shape != logits.shape[:2]:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)}: expected logits "
+                         f"[B, T, V_local] and targets [B, T]")
+    if not logits.is_floating_point() or targets.dtype != torch.long:
+        raise ValueError(f"logits dtype {logits.dtype} / targets dtype {targets.dtype}: expected a float "
+                         f"dtype and torch.long")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}: must be >= 1 (tokens per chunk) or None (no chunking)")
+    if vocab_start < 0:
+        raise ValueError(f"vocab_start={vocab_start}: must be >= 0 (the first global id of this shard)")
+    batch, seq, v_local = logits.shape
+    out = _VocabParallelLogprobs.apply(logits.reshape(batch * seq, v_local), targets.reshape(-1), group,
+                                       vocab_start, chunk_size, with_entropy)
+    if with_entropy:
+        logp, entropy = out
+        return logp.view(batch, seq), entropy.view(batch, seq)
+    return out.view(batch, seq), None
