@@ -176,18 +176,18 @@ class AdvantageConfig:
 
 @dataclass
 class LossConfig:
-    """The GRPO objective; field names are the keyword arguments of `algo.loss.GRPOLoss`."""
+    """The GRPO objective; field names are the keyword arguments of `algo.loss.grpo_loss`."""
 
     clip_low: float = 0.2  # ratio lower bound 1 - clip_low
     clip_high: float = 0.2  # ratio upper bound 1 + clip_high (clip-higher: e.g. 0.28)
     dual_clip: Optional[float] = None  # c > 1 bounds the loss for negative advantages
-    kl_coef: float = 0.001
-    kl_type: KLType = "low_var_kl"
-    entropy_coef: float = 0.0
-    aggregation: LossAggregation = "token-mean"
+    kl_coef: float = 0.001  # weight of KL(pi_theta || pi_ref) per token; > 0 needs the reference model
+    kl_type: KLType = "low_var_kl"  # verl's estimators; low_var_kl is k3 clamped to [-10, 10]
+    entropy_coef: float = 0.0  # entropy bonus weight (0: the paper)
+    aggregation: LossAggregation = "token-mean"  # seq-mean-token-sum-norm is Dr.GRPO
     importance_correction: ImportanceCorrection = "none"  # against the behaviour policy (explorer or engine)
-    tis_cap: float = 2.0
-    icepop_low: float = 0.5
+    tis_cap: float = 2.0  # TIS: token weight min(pi_old / pi_behaviour, tis_cap)
+    icepop_low: float = 0.5  # IcePop: tokens with pi_old / pi_behaviour outside [low, high] get no gradient
     icepop_high: float = 2.0
 
     def validate(self, at: str) -> list[str]:
