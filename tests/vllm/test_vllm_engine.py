@@ -1,0 +1,128 @@
+"""VLLMEngine on real vLLM (CPU): log-probs against HF transformers, in-place refit against a fresh engine."""
+
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from megatron_s2l.config import SamplingConfig  # noqa: E402
+from megatron_s2l.rollout.engine import RolloutEngine  # noqa: E402
+from megatron_s2l.rollout.vllm_engine import VLLMEngine  # noqa: E402
+from megatron_s2l.types import Prompt  # noqa: E402
+from tests.tiny_models import write_tiny_model  # noqa: E402
+from tests.vllm.conftest import engine_config  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+EOS = 1
+PROMPTS = [Prompt("a", [0, 5, 6, 7], "x"), Prompt("b", [0, 9, 10], "y"), Prompt("c", [0, 40, 41, 42, 43], "z")]
+SAMPLED = SamplingConfig(temperature=1.0, max_new_tokens=24)
+GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two tiny Qwen3 checkpoints (tied embeddings) with different random weights; peaky init so that
+    sampled continuations are not uniform noise."""
+    root = tmp_path_factory.mktemp("models")
+    return {name: write_tiny_model(root / name, seed=seed, init_std=0.5) for name, seed in (("old", 0), ("new", 1))}
+
+
+@pytest.fixture(scope="module")
+def refitted(models):
+    """An engine started on the old weights, refitted to the new ones by a test."""
+    return VLLMEngine(str(models["old"]), engine_config(refit_bucket_bytes=2**19), source="learner",
+                      model_id="learner", eos_token_id=EOS)
+
+
+@pytest.fixture(scope="module")
+def fresh(models):
+    """An engine started on the new weights."""
+    return VLLMEngine(str(models["new"]), engine_config(), source="learner", model_id="learner", eos_token_id=EOS)
+
+
+def hf_logprobs(path, prompt_ids, response_ids) -> torch.Tensor:
+    """Log-probs of `response_ids` after `prompt_ids` from an HF transformers float32 forward."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokens = torch.tensor([prompt_ids + response_ids])  # [1, L]
+    with torch.no_grad():
+        logits = model(tokens).logits.float()  # [1, L, V]
+    logprobs = torch.log_softmax(logits[0, :-1], dim=-1)  # [L-1, V]
+    targets = tokens[0, 1:]  # [L-1]
+    return logprobs.gather(-1, targets[:, None])[:, 0][len(prompt_ids) - 1:]  # [R]
+
+
+def test_sampled_logprobs_equal_hf_forward(fresh, models):
+    samples = fresh.generate(PROMPTS, 2, SAMPLED, seed=5)
+    assert isinstance(fresh, RolloutEngine)
+    assert [len(s) for s in samples] == [2, 2, 2]
+    for sample in (s for group in samples for s in group):
+        expected = hf_logprobs(models["new"], sample.prompt_ids, sample.response_ids)
+        torch.testing.assert_close(torch.tensor(sample.behaviour_logprobs), expected, atol=1e-4, rtol=0)
+        assert sample.source == "learner" and sample.policy_id == "learner" and sample.reward is None
+        assert sample.sampling == dataclasses.asdict(SAMPLED)
+        assert (sample.finish_reason, len(sample.response_ids)) == ("length", 24) or (
+            sample.finish_reason == "stop" and sample.response_ids[-1] == EOS)
+
+
+def test_counts_per_prompt_and_seeds(fresh):
+    first = fresh.generate(PROMPTS, [3, 0, 1], SAMPLED, seed=11)
+    assert [len(s) for s in first] == [3, 0, 1]
+    again = fresh.generate(PROMPTS[:1], 3, SAMPLED, seed=11)  # same seed, different batch: same draw
+    assert [s.response_ids for s in again[0]] == [s.response_ids for s in first[0]]
+    other = fresh.generate(PROMPTS[:1], 3, SAMPLED, seed=12)
+    assert [s.response_ids for s in other[0]] != [s.response_ids for s in first[0]]
+    assert len({tuple(s.response_ids) for s in first[0]}) == 3  # the n samples of one prompt differ
+    assert fresh.generate(PROMPTS, 0, SAMPLED) == [[], [], []]
+
+
+def test_stops_at_eos_and_keeps_it(fresh):
+    greedy = fresh.generate(PROMPTS[:1], 1, GREEDY)[0][0].response_ids
+    stop_token = greedy[3]
+    first = greedy.index(stop_token)
+    fresh.eos_token_id = stop_token
+    try:
+        sample = fresh.generate(PROMPTS[:1], 1, GREEDY)[0][0]
+    finally:
+        fresh.eos_token_id = EOS
+    assert sample.response_ids == greedy[:first + 1]
+    assert sample.finish_reason == "stop"
+
+
+def test_long_prompts_dropped_and_counted_or_rejected(fresh):
+    too_long = Prompt("long", list(range(3, 3 + 128 - SAMPLED.max_new_tokens + 1)), "x")
+    before = fresh.dropped_prompts
+    out = fresh.generate([too_long, PROMPTS[0]], 1, SAMPLED, seed=0)
+    assert [len(s) for s in out] == [0, 1] and fresh.dropped_prompts == before + 1
+    strict = dataclasses.replace(fresh.cfg, on_long_prompt="error")
+    fresh.cfg, lenient = strict, fresh.cfg
+    try:
+        with pytest.raises(ValueError, match="prompt 'long' has 105 tokens.*limit of 104"):
+            fresh.generate([too_long], 1, SAMPLED)
+    finally:
+        fresh.cfg = lenient
+
+
+def test_update_weights_equals_fresh_engine(refitted, fresh, models):
+    from safetensors.torch import load_file
+
+    before = refitted.generate(PROMPTS, 1, GREEDY)
+    target = fresh.generate(PROMPTS, 1, GREEDY)
+    assert [s[0].response_ids for s in before] != [s[0].response_ids for s in target]
+
+    weights = load_file(str(models["new"] / "model.safetensors"))
+    stats = refitted.update_weights(iter(weights.items()), version=7)
+    assert stats["buckets"] > 1 and stats["bytes"] == sum(t.numel() * 4 for t in weights.values())
+
+    for sampling, n in ((GREEDY, 1), (SAMPLED, 3)):
+        got = refitted.generate(PROMPTS, n, sampling, seed=3)
+        want = fresh.generate(PROMPTS, n, sampling, seed=3)
+        for g, w in zip((s for grp in got for s in grp), (s for grp in want for s in grp)):
+            assert g.response_ids == w.response_ids
+            torch.testing.assert_close(torch.tensor(g.behaviour_logprobs), torch.tensor(w.behaviour_logprobs),
+                                       atol=1e-5, rtol=0)
+            assert g.policy_id == "learner@7"
