@@ -18,6 +18,7 @@ layer's global `layer_number`, so any split of layers over stages (and virtual s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -161,10 +162,15 @@ def model_config_from_hf(path: str | Path) -> ModelConfig:
     if not config_file.is_file():
         raise ValueError(f"{config_file}: no such file; expected a local Hugging Face model directory "
                          f"with config.json (hub ids are not downloaded)")
-    hf = json.loads(config_file.read_text())
+    cfg = model_config_from_dict(json.loads(config_file.read_text()), str(config_file))
+    return dataclasses.replace(cfg, hf_path=str(config_file.parent))
+
+
+def model_config_from_dict(hf: Mapping, source: str = "config.json") -> ModelConfig:
+    """ModelConfig of the parsed config.json `hf` of a Qwen3 or Llama model; `source` names it in errors."""
     family = hf.get("model_type")
     if family not in HF_ARCHITECTURES:
-        raise ValueError(f"{config_file}: model_type={family!r} (architectures={hf.get('architectures')}) is "
+        raise ValueError(f"{source}: model_type={family!r} (architectures={hf.get('architectures')}) is "
                          f"not supported; accepted: {sorted(HF_ARCHITECTURES)} "
                          f"(use --backend bridge for other architectures)")
     unsupported = {"hidden_act": ("silu", hf.get("hidden_act", "silu")),
@@ -174,8 +180,11 @@ def model_config_from_hf(path: str | Path) -> ModelConfig:
                    "rope type": ("default", _rope(hf)[1])}
     for field_name, (accepted, value) in unsupported.items():
         if value != accepted:
-            raise ValueError(f"{config_file}: {field_name}={value!r} is not supported by the megatron-s2l "
+            raise ValueError(f"{source}: {field_name}={value!r} is not supported by the megatron-s2l "
                              f"mapping (accepted: {accepted!r}); convert with --backend bridge instead")
+    missing = [key for key in _REQUIRED if key not in hf]
+    if missing:
+        raise ValueError(f"{source}: missing field(s) {missing}; a {family} config.json needs {list(_REQUIRED)}")
     heads = hf["num_attention_heads"]
     return ModelConfig(
         num_layers=hf["num_hidden_layers"],
@@ -190,8 +199,11 @@ def model_config_from_hf(path: str | Path) -> ModelConfig:
         norm_epsilon=hf["rms_norm_eps"],
         qk_layernorm=family == "qwen3",
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        hf_path=str(config_file.parent),
     )
+
+
+_REQUIRED = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size",
+             "max_position_embeddings", "rms_norm_eps")
 
 
 def _rope(hf: Mapping) -> tuple[float, str]:

@@ -1,0 +1,158 @@
+"""The HF <-> megatron-core mapping without processes: configs, fused layouts, TP shards, names, refusals.
+
+Expected layouts are written out by hand here; the distributed tests check the same mapping against HF
+transformers logits.
+"""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from megatron_s2l.config import ModelConfig
+from megatron_s2l.learner.hf_weights import (COLUMN, FC1, QKV, REPLICATED, ROW, check_hf_state, hf_config,
+                                             model_config_from_dict, model_config_from_hf, shard, to_hf,
+                                             to_megatron, unshard, weight_map)
+from tests.tiny_models import write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {(family, tied): write_tiny_model(root / f"{family}_{tied}", family=family, tie_word_embeddings=tied,
+                                             num_heads=8, num_kv_heads=2, rope_theta=5e5)
+            for family in ("qwen3", "llama") for tied in (True, False)}
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_model_config_from_hf(tiny, family, tied):
+    cfg = model_config_from_hf(tiny[family, tied])
+    assert cfg == ModelConfig(num_layers=2, hidden_size=128, ffn_hidden_size=384, num_attention_heads=8,
+                              num_query_groups=2, kv_channels=32, vocab_size=512, max_position_embeddings=512,
+                              rotary_base=5e5, norm_epsilon=1e-6, qk_layernorm=family == "qwen3",
+                              tie_word_embeddings=tied, hf_path=str(tiny[family, tied]))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_hf_config_round_trips_through_transformers(tiny, tmp_path, family):
+    import transformers
+
+    cfg = dataclasses.replace(model_config_from_hf(tiny[family, False]), hf_path=None)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(cfg, family)))
+    assert model_config_from_hf(tmp_path) == dataclasses.replace(cfg, hf_path=str(tmp_path))
+    parsed = transformers.AutoConfig.from_pretrained(tmp_path)
+    original = transformers.AutoConfig.from_pretrained(tiny[family, False])
+    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "tie_word_embeddings",
+                "rope_parameters"):
+        assert getattr(parsed, key) == getattr(original, key), key
+
+
+def test_legacy_rope_theta_and_default_head_dim():
+    hf = {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 96,
+          "num_attention_heads": 2, "vocab_size": 10, "max_position_embeddings": 8, "rms_norm_eps": 1e-5,
+          "rope_theta": 500000.0, "rope_scaling": None}
+    cfg = model_config_from_dict(hf)
+    assert (cfg.rotary_base, cfg.kv_channels, cfg.num_query_groups, cfg.tie_word_embeddings) == (5e5, 32, 2, False)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"model_type": "mistral"}, "model_type='mistral'"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope type='llama3'"),
+    ({"attention_bias": True}, "attention_bias=True"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+])
+def test_unsupported_architectures_are_refused(tiny, change, message):
+    hf = json.loads((tiny["llama", True] / "config.json").read_text()) | change
+    with pytest.raises(ValueError, match=message):
+        model_config_from_dict(hf, "some/config.json")
+
+
+def test_missing_config_field_and_family_mismatch(tiny):
+    hf = json.loads((tiny["qwen3", True] / "config.json").read_text())
+    del hf["vocab_size"]
+    with pytest.raises(ValueError, match=r"missing field\(s\) \['vocab_size'\]"):
+        model_config_from_dict(hf)
+    with pytest.raises(ValueError, match="Llama has none"):
+        hf_config(ModelConfig(qk_layernorm=True), "llama")
+
+
+def test_qkv_is_interleaved_per_query_group():
+    # 4 query heads over 2 groups, head_dim 2, hidden 3: every row says which head it belongs to.
+    d, hidden = 2, 3
+    q = torch.arange(4).repeat_interleave(d)[:, None].expand(-1, hidden).float()  # heads 0..3
+    k = 10 + torch.arange(2).repeat_interleave(d)[:, None].expand(-1, hidden).float()  # groups 10, 11
+    v = 20 + torch.arange(2).repeat_interleave(d)[:, None].expand(-1, hidden).float()  # groups 20, 21
+    fused = to_megatron(QKV, [q, k, v], num_query_groups=2)
+    heads = fused[::d, 0].tolist()
+    assert heads == [0, 1, 10, 20, 2, 3, 11, 21]  # group 0: q0 q1 k0 v0, group 1: q2 q3 k1 v1
+    assert shard(QKV, fused, 1, 2)[::d, 0].tolist() == [2, 3, 11, 21]  # TP rank 1 holds group 1 whole
+    assert all(torch.equal(a, b) for a, b in zip(to_hf(QKV, fused, 4, 2), (q, k, v)))
+
+
+def test_fc1_shards_split_gate_and_up_separately():
+    gate, up = torch.arange(4.0)[:, None], 10 + torch.arange(4.0)[:, None]  # [F=4, H=1]
+    fused = to_megatron(FC1, [gate, up], num_query_groups=1)
+    assert shard(FC1, fused, 0, 2).flatten().tolist() == [0, 1, 10, 11]
+    assert shard(FC1, fused, 1, 2).flatten().tolist() == [2, 3, 12, 13]
+    assert torch.equal(torch.cat(to_hf(FC1, fused, 1, 1)), torch.cat([gate, up]))
+
+
+@pytest.mark.parametrize("layout,expected_shard_shape", [
+    (COLUMN, (4, 6)), (ROW, (8, 2)), (QKV, (4, 6)), (FC1, (4, 6)), (REPLICATED, (8, 6))])
+def test_shards_reassemble(layout, expected_shard_shape):
+    full = torch.randn(8, 6)
+    shards = [shard(layout, full, rank, 2 if layout != ROW else 3) for rank in range(2 if layout != ROW else 3)]
+    assert shards[0].shape == expected_shard_shape
+    assert torch.equal(unshard(layout, shards), full)
+    assert layout == REPLICATED or not torch.equal(shards[0], shards[1])
+
+
+def test_te_and_local_specs_differ_only_in_the_pre_norm_names():
+    local, te = weight_map(ModelConfig(num_layers=2)), weight_map(ModelConfig(num_layers=2, layer_spec="te"))
+    renamed = {a.megatron: b.megatron for a, b in zip(local, te) if a.megatron != b.megatron}
+    assert renamed == {
+        "decoder.layers.0.input_layernorm.weight": "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight",
+        "decoder.layers.0.pre_mlp_layernorm.weight": "decoder.layers.0.mlp.linear_fc1.layer_norm_weight",
+        "decoder.layers.1.input_layernorm.weight": "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight",
+        "decoder.layers.1.pre_mlp_layernorm.weight": "decoder.layers.1.mlp.linear_fc1.layer_norm_weight"}
+    assert [(a.hf, a.layout) for a in local] == [(b.hf, b.layout) for b in te]
+
+
+@pytest.mark.parametrize("spec", ["local", "te"])
+@pytest.mark.parametrize("family,tied", [("qwen3", True), ("llama", False)])
+def test_hf_state_round_trips_through_megatron_names(tiny, spec, family, tied):
+    from safetensors.torch import load_file
+
+    hf_state = load_file(tiny[family, tied] / "model.safetensors")
+    cfg = dataclasses.replace(model_config_from_hf(tiny[family, tied]), layer_spec=spec)
+    megatron = {e.megatron: to_megatron(e.layout, [hf_state[n] for n in e.hf], cfg.num_query_groups)
+                for e in weight_map(cfg)}
+    assert ("decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in megatron) == (spec == "te")
+    assert ("output_layer.weight" in megatron) == (not tied)
+    assert megatron["decoder.layers.0.self_attention.linear_qkv.weight"].shape == ((8 + 2 * 2) * 32, 128)
+    back = {name: tensor for e in weight_map(cfg)
+            for name, tensor in zip(e.hf, to_hf(e.layout, megatron[e.megatron], 8, 2))}
+    assert back.keys() == hf_state.keys()
+    assert all(torch.equal(back[name], hf_state[name]) for name in hf_state)
+
+
+def test_check_hf_state_refuses_mismatches(tiny):
+    from safetensors.torch import load_file
+
+    cfg = model_config_from_hf(tiny["qwen3", False])
+    state = load_file(tiny["qwen3", False] / "model.safetensors")
+    check_hf_state(cfg, state)  # the matching state passes
+    with pytest.raises(ValueError, match=r"missing tensors \['model.layers.1.self_attn.k_norm.weight'\]"):
+        check_hf_state(cfg, {k: v for k, v in state.items() if k != "model.layers.1.self_attn.k_norm.weight"})
+    with pytest.raises(ValueError, match=r"unexpected tensors \['model.layers.2.mlp.up_proj.weight'\]"):
+        check_hf_state(cfg, state | {"model.layers.2.mlp.up_proj.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"model.embed_tokens.weight has shape \[500, 128\] but the config "
+                                         r"describes \[512, 128\]"):
+        check_hf_state(cfg, state | {"model.embed_tokens.weight": torch.zeros(500, 128)})
+    with pytest.raises(ValueError, match="lm_head.weight but its config says tie_word_embeddings=true"):
+        check_hf_state(dataclasses.replace(cfg, tie_word_embeddings=True), state)
+    with pytest.raises(ValueError, match="does not match a llama model"):
+        check_hf_state(dataclasses.replace(cfg, qk_layernorm=False), state)
