@@ -1,0 +1,117 @@
+"""S2LMixer: group composition per step against hand-computed schedules, rewards once per sample.
+
+The engines here are a test double for the mixer only (the real engines are tested in tests/vllm).
+"""
+
+import pytest
+
+from megatron_s2l.config import SamplingConfig, ScheduleConfig
+from megatron_s2l.rollout.mixer import S2LMixer
+from megatron_s2l.types import Prompt, Sample
+
+PROMPTS = [Prompt("p0", [0, 3], "1"), Prompt("p1", [0, 4, 5], "2"), Prompt("p2", [0, 6], "3")]
+# G=5, T_mix=3, linear: alpha = 1, 1/2, 0, 0 -> combined (G_w, G_s) = (5, 0), (3, 2), (0, 5), (0, 5);
+# separate explorer-only groups of ceil(alpha*5) and learner-only groups of ceil((1-alpha)*5).
+COMBINED = {1: (5, 0), 2: (3, 2), 3: (0, 5), 4: (0, 5)}
+SEPARATE = {1: (5, 0), 2: (3, 3), 3: (0, 5), 4: (0, 5)}
+
+
+class FakeEngine:
+    """Returns `n` samples per prompt whose first response token encodes the draw; records calls."""
+
+    def __init__(self, source, skip=()):
+        self.source, self.skip, self.calls = source, set(skip), []
+
+    def generate(self, prompts, n, sampling, *, seed=None):
+        self.calls.append((n, sampling, seed))
+        return [[] if p.prompt_id in self.skip else
+                [Sample(p.prompt_id, p.prompt_ids, [len(self.calls), k], [-0.5, -0.25], self.source, self.source,
+                        sampling={"temperature": sampling.temperature}) for k in range(n)]
+                for p in prompts]
+
+
+def make_mixer(mode, explorer=True, skip=()):
+    scored = []
+
+    def reward_fn(prompt, response_ids):
+        scored.append((prompt.prompt_id, tuple(response_ids)))
+        return float(response_ids[1] % 2)
+
+    engines = {"explorer": FakeEngine("explorer", skip) if explorer else None, "learner": FakeEngine("learner")}
+    mixer = S2LMixer(ScheduleConfig(group_size=5, t_mix=3, kind="linear", group_mode=mode),
+                     explorer=engines["explorer"], learner=engines["learner"],
+                     explorer_sampling=SamplingConfig(temperature=0.7), learner_sampling=SamplingConfig(),
+                     reward_fn=reward_fn, seed=9)
+    return mixer, engines, scored
+
+
+def test_combined_groups_follow_the_schedule_every_step():
+    mixer, engines, scored = make_mixer("combined")
+    for step, (g_w, g_s) in COMBINED.items():
+        phases = mixer.phases(step)
+        assert phases == [tuple(s for s, c in (("explorer", g_w), ("learner", g_s)) if c)]
+        groups = mixer.rollout(step, PROMPTS, phases[0])
+        assert [g.prompt_id for g in groups] == ["p0", "p1", "p2"]
+        for group in groups:
+            assert (group.count("explorer"), group.count("learner")) == (g_w, g_s)
+            assert all(s.prompt_id == group.prompt_id for s in group.samples)
+            explorer_temps = {s.sampling["temperature"] for s in group.samples if s.source == "explorer"}
+            assert explorer_temps <= {0.7}
+    # every sample scored exactly once: 3 prompts x 5 samples x 4 steps
+    assert len(scored) == 3 * 5 * 4
+    assert [n for n, _, _ in engines["explorer"].calls] == [5, 3]
+    assert [n for n, _, _ in engines["learner"].calls] == [2, 5, 5]
+
+
+def test_separate_groups_follow_the_schedule_every_step():
+    mixer, engines, scored = make_mixer("separate")
+    for step, (g_w, g_s) in SEPARATE.items():
+        phases = mixer.phases(step)
+        assert phases == [(s,) for s, c in (("explorer", g_w), ("learner", g_s)) if c]
+        for (source,), count in zip(phases, [c for c in (g_w, g_s) if c]):
+            groups = mixer.rollout(step, PROMPTS, (source,))
+            assert [g.prompt_id for g in groups] == ["p0", "p1", "p2"]
+            assert all(len(g.samples) == count and g.count(source) == count for g in groups)
+    assert len(scored) == 3 * (5 + 6 + 5 + 5)
+
+
+def test_rewards_and_source_tags_are_kept():
+    mixer, _, _ = make_mixer("combined")
+    groups = mixer.rollout(2, PROMPTS, ("explorer", "learner"))
+    for sample in groups[0].samples:
+        assert sample.reward == float(sample.response_ids[1] % 2)
+        assert sample.policy_id == sample.source
+    assert groups[0].rewards == [0.0, 1.0, 0.0, 0.0, 1.0]  # explorer k=0,1,2 then learner k=0,1
+
+
+def test_seeds_depend_on_step_only():
+    mixer, engines, _ = make_mixer("combined")
+    mixer.rollout(2, PROMPTS, ("explorer", "learner"))
+    mixer.rollout(2, PROMPTS, ("explorer", "learner"))
+    mixer.rollout(3, PROMPTS, ("learner",))
+    seeds = [seed for _, _, seed in engines["learner"].calls]
+    assert seeds[0] == seeds[1] != seeds[2]
+
+
+def test_without_explorer_is_plain_grpo():
+    mixer, engines, _ = make_mixer("combined", explorer=False)
+    for step in (1, 2, 5):
+        assert mixer.phases(step) == [("learner",)] and mixer.explorer_share(step) == 0.0
+        groups = mixer.rollout(step, PROMPTS, ("learner",))
+        assert [len(g.samples) for g in groups] == [5, 5, 5]
+    with pytest.raises(ValueError, match="no explorer"):
+        mixer.rollout(1, PROMPTS, ("explorer",))
+
+
+def test_prompts_an_engine_dropped_get_no_group_and_are_counted():
+    mixer, _, scored = make_mixer("combined", skip={"p1"})
+    groups = mixer.rollout(2, PROMPTS, ("explorer", "learner"))
+    assert [g.prompt_id for g in groups] == ["p0", "p2"]
+    assert mixer.dropped_prompts == 1
+    assert all(pid != "p1" for pid, _ in scored)
+
+
+def test_unknown_source_is_rejected():
+    mixer, _, _ = make_mixer("separate")
+    with pytest.raises(ValueError, match="accepted sources"):
+        mixer.rollout(1, PROMPTS, ("teacher",))
