@@ -16,7 +16,7 @@ flight, and `encode_bucket` / `decode_bucket` carry a bucket to the engine's wor
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Optional, Protocol
 
 import torch
@@ -95,8 +95,9 @@ class WeightReceiver(Protocol):
 class Refitter:
     """Refit one engine from the learner, only when the learner's weights version moved on.
 
-    Every rank calls `refit` with the same version, so a skip (and the collective export it avoids)
-    is decided identically everywhere.
+    Give `refit` a lazy iterable (the generator `export_hf_weights` returns): a skipped refit never
+    starts it, so an unchanged learner costs no export. If the export is collective, every rank must
+    take the same decision: call `refit` with the same version on every rank.
     """
 
     def __init__(self, engine: WeightReceiver):
@@ -104,19 +105,17 @@ class Refitter:
         self.engine = engine
         self.version: Optional[int] = None
 
-    def refit(self, version: int,
-              weights: Callable[[], Iterable[tuple[str, torch.Tensor]]]) -> Optional[dict[str, float]]:
-        """Load `weights()` into the engine unless `version` was already loaded; return stats or None.
+    def refit(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: int) -> Optional[dict[str, float]]:
+        """Load `named_tensors` into the engine unless `version` is already loaded; return stats or None.
 
-        `weights` is called only when a refit happens, so an unchanged learner costs no export. The
-        engine's weights are woken first and its KV cache after the load, to avoid holding old weights,
-        new buckets and the KV cache at once.
+        The engine's weights are woken first and its KV cache after the load, so old weights, new
+        buckets and the KV cache are never resident at once.
         """
         if version == self.version:
             return None
         start = time.perf_counter()
         self.engine.wake(["weights"])
-        stats = self.engine.update_weights(weights(), version=version)
+        stats = self.engine.update_weights(named_tensors, version=version)
         self.engine.wake(["kv_cache"])
         self.version = version
         seconds = time.perf_counter() - start
