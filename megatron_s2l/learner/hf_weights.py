@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from megatron_s2l.config import ModelConfig
 
@@ -311,7 +313,7 @@ def _check_tp(cfg: ModelConfig, tp: int) -> None:
 def check_hf_state(cfg: ModelConfig, state: Mapping[str, torch.Tensor], source: str = "the HF state") -> None:
     """Refuse an HF state whose names or shapes differ from what `cfg` describes.
 
-    Only names and shapes are read (a lazy mapping such as `convert.SafetensorsCheckpoint` loads nothing).
+    Only names and shapes are read (the lazy mapping of `read_hf_state` loads nothing).
     """
     expected = {name: shape for entry in weight_map(cfg) for name, shape in zip(entry.hf, entry.hf_shapes)}
     present = {name for name in state if not name.endswith("rotary_emb.inv_freq")}  # a buffer old exports kept
@@ -411,3 +413,135 @@ def _pipeline_owners(names: set[str], pp: int) -> dict[str, int]:
     per_stage: list = [None] * pp
     dist.all_gather_object(per_stage, sorted(names), group=parallel_state.get_pipeline_model_parallel_group())
     return {name: stage for stage, stage_names in enumerate(per_stage) for name in stage_names}
+
+
+# ---------------------------------------------------------------- HF directories on disk
+
+INDEX = "model.safetensors.index.json"
+
+
+def read_hf_state(path: str | Path) -> Mapping[str, torch.Tensor]:
+    """A lazy read-only mapping HF name -> tensor over the (possibly sharded) safetensors of `path`.
+
+    Nothing is loaded until a tensor is indexed, and then only that tensor: pass it to
+    `load_hf_weights` to stream a checkpoint one tensor at a time.
+    """
+    return _SafetensorsState(path)
+
+
+class _SafetensorsState(Mapping):
+    """A lazy, read-only mapping HF name -> tensor over a (possibly sharded) safetensors directory.
+
+    Indexing loads that one tensor; `shape(name)` reads only the header.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index = self.path / INDEX
+        if index.is_file():
+            self._files = {name: self.path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise ValueError(f"{self.path}: no *.safetensors files and no {INDEX}; expected a Hugging Face "
+                                 f"model directory saved with safe_serialization (convert .bin files first)")
+            self._files = {}
+            for file in files:
+                with safe_open(file, framework="pt") as handle:
+                    for name in handle.keys():
+                        if name in self._files:
+                            raise ValueError(f"{self.path}: tensor {name} is in both {self._files[name].name} "
+                                             f"and {file.name}; remove the stray file")
+                        self._files[name] = file
+        self._handles = {}
+
+    def _handle(self, name: str):
+        file = self._files[name]
+        if file not in self._handles:
+            if not file.is_file():
+                raise ValueError(f"{self.path / INDEX} maps {name} to {file.name}, which does not exist")
+            self._handles[file] = safe_open(file, framework="pt")
+        return self._handles[file]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def shape(self, name: str) -> list[int]:
+        """The shape of tensor `name`, read from the file header without loading the tensor."""
+        return self._handle(name).get_slice(name).get_shape()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def write_safetensors(named_tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, *,
+                      max_shard_bytes: int, dtype: torch.dtype | None = None) -> list[Path]:
+    """Write a stream of (name, tensor) as HF safetensors shards of at most `max_shard_bytes` each.
+
+    One shard is `model.safetensors`; several are `model-0000i-of-0000n.safetensors` with an index.
+    Holds one shard in memory at a time. Returns the files written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts, shard, shard_bytes, weight_map = [], {}, 0, {}
+
+    def flush():
+        part = out_dir / f"model-part{len(parts):05d}.safetensors.tmp"
+        save_file(shard, str(part), metadata={"format": "pt"})
+        parts.append((part, list(shard)))
+
+    for name, tensor in named_tensors:
+        tensor = tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if shard and shard_bytes + size > max_shard_bytes:
+            flush()
+            shard, shard_bytes = {}, 0
+        shard[name], shard_bytes = tensor, shard_bytes + size
+    if shard:
+        flush()
+    files = []
+    for i, (part, names) in enumerate(parts):
+        final = out_dir / ("model.safetensors" if len(parts) == 1 else f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors")
+        part.replace(final)
+        files.append(final)
+        weight_map.update(dict.fromkeys(names, final.name))
+    if len(parts) > 1:
+        total = sum(f.stat().st_size for f in files)
+        (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return files
+
+
+def save_hf_dir(model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig, out_dir: str | Path, *,
+                family: str | None = None, extra_config: Mapping | None = None,
+                generation_config: Mapping | None = None, dtype: torch.dtype | None = None,
+                max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> Path:
+    """Write the model as an HF directory (safetensors, config.json, generation_config.json); collective.
+
+    Every rank must call it (the export gathers over TP/PP); global rank 0 writes. `extra_config` adds
+    config.json fields this mapping does not own (token ids); `generation_config` defaults to the token
+    ids of the config; `dtype` to the parameters' dtype.
+    """
+    out_dir = Path(out_dir)
+    weights = export_hf_weights(model_chunks, cfg)
+    if dist.get_rank() != 0:
+        for _ in weights:  # the export is collective: every rank walks it
+            pass
+        dist.barrier()
+        return out_dir
+    if progress:
+        from tqdm import tqdm
+
+        weights = tqdm(weights, total=sum(len(e.hf) for e in weight_map(cfg)), desc="writing HF tensors", unit="tensor")
+    dtype = dtype or next(model_chunks[0].parameters()).dtype
+    write_safetensors(weights, out_dir, max_shard_bytes=max_shard_bytes, dtype=dtype)
+    config = hf_config(cfg, family) | dict(extra_config or {})
+    config["dtype"] = config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if generation_config is None:  # HF's own default: the token ids of the model config
+        generation_config = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / "generation_config.json").write_text(json.dumps(dict(generation_config), indent=2) + "\n")
+    dist.barrier()
+    return out_dir

@@ -1,0 +1,149 @@
+"""Hugging Face safetensors directories <-> Megatron-Core distributed checkpoints (the logic of tools/convert_*).
+
+Both directions go through `learner.hf_weights` (the mapping the vLLM refit uses too) and
+`learner.checkpoint` (the layout training resumes from). Tensors stream: HF -> Megatron reads one
+safetensors tensor at a time (each rank only those of its own stage); Megatron -> HF holds at most one
+output shard (`max_shard_bytes`) besides the model. Run with `torchrun --nproc_per_node=TP*PP` (or as
+one process for TP=PP=1). The optional Megatron-Bridge backend (`AutoBridge`) is imported only when
+asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from megatron_s2l.config import LayerSpec, ModelConfig, ParallelConfig
+from megatron_s2l.learner.checkpoint import checkpoint_dir, latest_step, load_checkpoint, save_checkpoint
+from megatron_s2l.learner.hf_weights import load_hf_weights, model_config_from_hf, read_hf_state, save_hf_dir
+from megatron_s2l.learner.model import build_model, init_parallel, transformer_config
+
+# Tokenizer files copied next to an exported model (whichever the tokenizer directory has).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hf_to_megatron(hf_dir: str | Path, save_dir: str | Path, parallel: ParallelConfig, *,
+                   layer_spec: LayerSpec = "local") -> Path:
+    """Convert the HF model in `hf_dir` into a model-only checkpoint (step 0) under `save_dir`.
+
+    Collective: every one of the TP x PP ranks builds its stage at `parallel`'s layout, loads its shards
+    and writes them, in float32 like the learner's parameters (bf16 weights convert exactly). The
+    checkpoint's state records the ModelConfig and the HF config/generation config,
+    so `megatron_to_hf` can write the model back without the original directory.
+    """
+    hf_dir = Path(hf_dir)
+    cfg = dataclasses.replace(model_config_from_hf(hf_dir), layer_spec=layer_spec)
+    model = _build(cfg, parallel)
+    load_hf_weights([model], cfg, read_hf_state(hf_dir), progress=dist.get_rank() == 0)
+    state = {"model_config": dataclasses.asdict(cfg), "hf_config": _read_json(hf_dir / "config.json"),
+             "generation_config": _read_json(hf_dir / "generation_config.json")}
+    return save_checkpoint(save_dir, 0, [model], state=state)
+
+
+def megatron_to_hf(load_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig, *,
+                   hf_config_path: str | Path | None = None, layer_spec: LayerSpec | None = None,
+                   tokenizer_dir: str | Path | None = None, max_shard_bytes: int = 5 * 2**30,
+                   dtype: torch.dtype | None = None) -> Path:
+    """Write the latest checkpoint under `load_dir` as an HF model directory `out_dir` (collective).
+
+    The architecture comes from the checkpoint's state (checkpoints written by `hf_to_megatron`) or,
+    for training checkpoints, from `hf_config_path` (the config.json of the model it started from).
+    `dtype` defaults to the original config.json's (float32 when unknown), so a bf16 model converted
+    there and back is bit-identical. Tokenizer files (and generation_config.json when the checkpoint
+    has none) are copied from `tokenizer_dir` if given.
+    """
+    state = _saved_state(load_dir)
+    cfg, original = _architecture(state, hf_config_path, load_dir)
+    if layer_spec is not None:
+        cfg = dataclasses.replace(cfg, layer_spec=layer_spec)
+    dtype = dtype or DTYPES.get(original.get("dtype") or original.get("torch_dtype"), torch.float32)
+    model = _build(cfg, parallel)
+    load_checkpoint(load_dir, [model])
+    generation = state.get("generation_config")
+    if generation is None and tokenizer_dir is not None:
+        generation = _read_json(Path(tokenizer_dir) / "generation_config.json")
+    token_ids = {key: original[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in original}
+    save_hf_dir([model], cfg, out_dir, family=original.get("model_type"), extra_config=token_ids,
+                generation_config=generation, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                progress=dist.get_rank() == 0)
+    if tokenizer_dir is not None and dist.get_rank() == 0:
+        _copy_tokenizer(Path(tokenizer_dir), Path(out_dir))
+    return Path(out_dir)
+
+
+def _build(cfg: ModelConfig, parallel: ParallelConfig):
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    world = int(os.environ.get("WORLD_SIZE", 1))  # checked before any process group starts
+    if world != tp * pp:
+        raise ValueError(f"conversion runs on exactly TP x PP = {tp * pp} processes, found {world}: launch "
+                         f"with torchrun --nproc_per_node={tp * pp} (or a plain python for TP=PP=1)")
+    init_parallel(parallel, seed=0)
+    return build_model(cfg, transformer_config(cfg, parallel))
+
+
+def _saved_state(load_dir: str | Path) -> dict:
+    """The `state` dict of the latest checkpoint under `load_dir`, read without building a model."""
+    step = latest_step(load_dir)
+    if step is None:
+        raise ValueError(f"{load_dir}: no checkpoint (no 'latest' file); pass the directory given to "
+                         f"--save-dir of convert_hf_to_megatron.py or checkpoint.save_dir of a run")
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir(load_dir, step)))
+    return common["common"]["state"]
+
+
+def _architecture(state: Mapping, hf_config_path, load_dir) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, original config.json dict or {}) from `hf_config_path` or the checkpoint's state."""
+    if hf_config_path is not None:
+        path = Path(hf_config_path)
+        return model_config_from_hf(path), _read_json(path / "config.json" if path.is_dir() else path)
+    if "model_config" in state:
+        return ModelConfig(**state["model_config"]), state.get("hf_config") or {}
+    raise ValueError(f"{load_dir}: the checkpoint does not record its architecture (it was not written by "
+                     f"convert_hf_to_megatron.py); pass --hf-config with the config.json of the model it "
+                     f"started from")
+
+
+def _copy_tokenizer(tokenizer_dir: Path, out_dir: Path) -> None:
+    copied = [name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
+    if not copied:
+        raise ValueError(f"--tokenizer-dir {tokenizer_dir}: none of {list(TOKENIZER_FILES)} found; pass the "
+                         f"directory of the original HF model (or of its tokenizer)")
+    for name in copied:
+        shutil.copyfile(tokenizer_dir / name, out_dir / name)
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---------------------------------------------------------------- Megatron-Bridge backend (GPU clusters)
+
+def _auto_bridge():
+    try:
+        from megatron.bridge import AutoBridge
+    except ImportError as err:
+        raise RuntimeError(f"--backend bridge needs Megatron-Bridge, which cannot be imported here ({err}); "
+                           f"install megatron-bridge on a CUDA machine (NeMo/NGC containers ship it) or use "
+                           f"the default --backend native") from err
+    return AutoBridge
+
+
+def bridge_hf_to_megatron(hf_dir: str | Path, save_dir: str | Path) -> None:
+    """HF -> Megatron with Megatron-Bridge's AutoBridge (its own checkpoint layout, for Bridge training)."""
+    _auto_bridge().import_ckpt(hf_model_id=str(hf_dir), megatron_path=str(save_dir))
+
+
+def bridge_megatron_to_hf(load_dir: str | Path, out_dir: str | Path, hf_config_path: str | Path) -> None:
+    """Megatron -> HF with AutoBridge; `hf_config_path` is the HF directory the checkpoint came from."""
+    _auto_bridge().from_hf_pretrained(str(hf_config_path)).export_ckpt(megatron_path=str(load_dir),
+                                                                      hf_path=str(out_dir))

@@ -1,0 +1,132 @@
+"""The converter CLIs end to end, as users run them (subprocesses with timeouts; torchrun for TP=2).
+
+HF -> Megatron -> HF must give back every tensor bit-identical, with a config that transformers reads
+as the original's, the tokenizer files and the generation config; the refusals must say what to do.
+"""
+
+import filecmp
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_s2l.learner.hf_weights import read_hf_state
+from tests.tiny_models import write_tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+TO_MEGATRON, TO_HF = ROOT / "tools" / "convert_hf_to_megatron.py", ROOT / "tools" / "convert_megatron_to_hf.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(script: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                 f"--master_port={_free_port()}"] if nproc > 1 else [sys.executable])
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()))
+    result = subprocess.run([*launcher, str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, f"{script.name} {args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def _assert_same_weights(back: Path, src: Path):
+    got, expected = read_hf_state(back), read_hf_state(src)
+    assert set(got) == set(expected)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def _assert_same_config(back: Path, src: Path):
+    import transformers
+
+    got, expected = transformers.AutoConfig.from_pretrained(back), transformers.AutoConfig.from_pretrained(src)
+    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps",
+                "tie_word_embeddings", "rope_parameters", "bos_token_id", "eos_token_id", "pad_token_id", "dtype"):
+        assert getattr(got, key) == getattr(expected, key), key
+
+
+@pytest.mark.distributed
+def test_sharded_qwen3_to_tp2_and_back(tmp_path):
+    import transformers
+
+    src = write_tiny_model(tmp_path / "src", family="qwen3", tie_word_embeddings=False, with_tokenizer=True)
+    sharded = tmp_path / "sharded"  # the input as big models come: several safetensors files and an index
+    transformers.AutoModelForCausalLM.from_pretrained(src).save_pretrained(sharded, max_shard_size="300KB")
+    shutil.copy(src / "generation_config.json", sharded)
+    assert (sharded / "model.safetensors.index.json").is_file()
+
+    out = _run(TO_MEGATRON, "--hf-dir", str(sharded), "--save-dir", str(tmp_path / "ckpt"), "--tp", "2", nproc=2)
+    assert "TP=2, PP=1" in out.stdout
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "0"
+    _run(TO_HF, "--load-dir", str(tmp_path / "ckpt"), "--save-dir", str(tmp_path / "back"),
+         "--tokenizer-dir", str(src))  # read back at TP=1: the checkpoint reshards on load
+
+    back = tmp_path / "back"
+    _assert_same_weights(back, src)
+    _assert_same_config(back, src)
+    assert json.loads((back / "generation_config.json").read_text()) == \
+        json.loads((src / "generation_config.json").read_text())
+    assert filecmp.cmp(back / "tokenizer.json", src / "tokenizer.json", shallow=False)
+
+
+@pytest.mark.distributed
+def test_tied_llama_to_tp1_and_back_at_tp2_in_shards(tmp_path):
+    import transformers
+
+    src = write_tiny_model(tmp_path / "src", family="llama", tie_word_embeddings=True, init_std=0.1)
+    _run(TO_MEGATRON, "--hf-dir", str(src), "--save-dir", str(tmp_path / "ckpt"))
+    _run(TO_HF, "--load-dir", str(tmp_path / "ckpt"), "--save-dir", str(tmp_path / "back"), "--tp", "2",
+         "--max-shard-size-mb", "0.3", nproc=2)
+
+    back = tmp_path / "back"
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    _assert_same_weights(back, src)
+    _assert_same_config(back, src)
+    tokens = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # transformers loads the sharded output as the same model
+        got = transformers.AutoModelForCausalLM.from_pretrained(back).eval()(tokens).logits
+        expected = transformers.AutoModelForCausalLM.from_pretrained(src).eval()(tokens).logits
+    assert torch.equal(got, expected)
+
+
+def _tool(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--backend", "bridge"], "--backend bridge needs Megatron-Bridge"),
+    (["--tp", "2"], "launch with torchrun --nproc_per_node=2"),
+    (["--wrong-arch"], "model_type='mistral'"),
+])
+def test_cli_refusals_name_the_fix(tmp_path, capsys, args, message):
+    src = write_tiny_model(tmp_path / "src", num_layers=1)
+    if args == ["--wrong-arch"]:
+        config = json.loads((src / "config.json").read_text()) | {"model_type": "mistral"}
+        (src / "config.json").write_text(json.dumps(config))
+        args = []
+    with pytest.raises(SystemExit) as exit_info:
+        _tool(TO_MEGATRON).main(["--hf-dir", str(src), "--save-dir", str(tmp_path / "ckpt"), *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_megatron_to_hf_refuses_a_directory_without_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _tool(TO_HF).main(["--load-dir", str(tmp_path), "--save-dir", str(tmp_path / "out")])
+    assert "no checkpoint (no 'latest' file)" in capsys.readouterr().err
