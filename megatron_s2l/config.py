@@ -37,6 +37,7 @@ ImportanceCorrection = Literal["none", "tis", "icepop"]
 LayerSpec = Literal["local", "te"]
 FP8Recipe = Literal["delayed", "tensorwise", "blockwise", "mxfp8"]
 OnBadPrompt = Literal["error", "drop"]
+PromptTemplate = Literal["chat", "qwen3-base", "qwen3-base-nothink", "raw"]
 EngineDType = Literal["auto", "float32", "bfloat16", "float16"]
 LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
 
@@ -251,15 +252,33 @@ class FP8Config:
 
 @dataclass
 class DataConfig:
+    """Prompt files (data.prompts) or the synthetic demo task (data.task)."""
+
     train_path: Optional[str] = None  # JSONL or verl-style Parquet; None: the synthetic demo task
-    eval_path: Optional[str] = None
-    prompt_template: str = "chat"  # chat: the tokenizer's chat template; qwen3-base: the paper's prompt
-    max_prompt_length: int = 128
+    eval_path: Optional[str] = None  # held-out prompts; None: the demo task's held-out split
+    # chat: the tokenizer's chat template; qwen3-base: literal ChatML (the authors' training prompt);
+    # qwen3-base-nothink: ChatML + " /no_think" (the paper's nothink evaluation); raw: the text as is
+    prompt_template: PromptTemplate = "chat"
+    max_prompt_length: int = 128  # tokens after the template; longer prompts are bad rows
     on_bad_prompt: OnBadPrompt = "error"  # error: stop with file and line; drop: skip and count
-    seed: int = 0
+    seed: int = 0  # prompt order (epoch shuffles) and the demo task's problems
+    task_modulus: int = 10  # demo task: results are reduced modulo this (answers 0..modulus-1)
+    task_min_ops: int = 2  # demo task: fewest operations per chain
+    task_max_ops: int = 5  # demo task: most operations per chain (the difficulty knob)
+    task_mul_max: int = 9  # demo task: largest multiplier
+    task_num_train: int = 20000  # demo task: training problems (pretraining texts and RL prompts)
+    task_num_eval: int = 200  # demo task: held-out problems, disjoint from training
 
     def validate(self, at: str) -> list[str]:
-        return _positive(self, at, "max_prompt_length")
+        errors = _positive(self, at, "max_prompt_length", "task_num_train", "task_num_eval")
+        if self.task_modulus < 2:
+            errors.append(f"{at}.task_modulus={self.task_modulus}: must be >= 2 (10 for single digits)")
+        if not 1 <= self.task_min_ops <= self.task_max_ops:
+            errors.append(f"{at}.task_min_ops={self.task_min_ops}, task_max_ops={self.task_max_ops}: need "
+                          f"1 <= task_min_ops <= task_max_ops")
+        if self.task_mul_max < 2:
+            errors.append(f"{at}.task_mul_max={self.task_mul_max}: must be >= 2")
+        return errors
 
 
 @dataclass
@@ -277,9 +296,15 @@ class LoggingConfig:
     tensorboard_dir: Optional[str] = None
     log_interval: int = 1
     eval_interval: int = 0  # steps between held-out evaluations; 0: never
+    eval_samples: int = 8  # k: samples per held-out problem; pass@1..k are logged
+    eval_max_problems: int = 0  # held-out problems per evaluation (the first ones); 0: all
 
     def validate(self, at: str) -> list[str]:
-        return _positive(self, at, "log_interval")
+        errors = _positive(self, at, "log_interval", "eval_samples")
+        if self.eval_interval < 0 or self.eval_max_problems < 0:
+            errors.append(f"{at}.eval_interval={self.eval_interval}, eval_max_problems={self.eval_max_problems}: "
+                          f"must be >= 0 (0: never / all problems)")
+        return errors
 
 
 @dataclass

@@ -1,0 +1,101 @@
+"""The demo task: deterministic, disjoint splits, and solutions whose answers are right."""
+
+import json
+import operator
+import re
+
+import pytest
+
+from megatron_s2l.data.task import TaskSpec, generate_problems, pretraining_examples, task_splits, write_jsonl
+
+SPEC = TaskSpec(modulus=10, min_ops=2, max_ops=5)
+
+
+def reference_answer(question: str, modulus: int) -> int:
+    """Evaluate the expression after the colon left to right with Python's operators, reducing at the end."""
+    tokens = re.findall(r"\d+|[-+*]", question.split(":", 1)[1])
+    ops = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+    value = int(tokens[0])
+    for op, operand in zip(tokens[1::2], tokens[2::2]):
+        value = ops[op](value, int(operand))
+    return value % modulus  # reducing once at the end equals reducing at every step (a ring homomorphism)
+
+
+def test_generation_is_deterministic_and_seed_dependent():
+    a = generate_problems(50, SPEC, seed=3)
+    assert a == generate_problems(50, SPEC, seed=3)
+    assert a != generate_problems(50, SPEC, seed=4)
+    assert len({p.question for p in a}) == 50
+
+
+def test_first_problem_by_hand():
+    problem = generate_problems(1, SPEC, seed=0)[0]
+    steps = problem.solution.split(" ")[:-1]
+    assert problem.question.startswith("Compute left to right mod 10: ")
+    assert 2 <= len(steps) <= 5
+    # each written step is right: a op b = c with c = (a op b) mod 10, chained from the question's first number
+    value = int(problem.question.split(": ")[1][0])
+    for step in steps:
+        a, op, b, c = re.fullmatch(r"(\d+)([-+*])(\d+)=(\d+)", step).groups()
+        assert int(a) == value
+        value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] % 10
+        assert int(c) == value
+    assert problem.solution.endswith(f"\\boxed{{{value}}}") and problem.answer == str(value)
+
+
+@pytest.mark.parametrize("spec", [SPEC, TaskSpec(modulus=100, min_ops=1, max_ops=4, mul_max=12)])
+def test_answers_match_an_independent_evaluation(spec):
+    for p in generate_problems(300, spec, seed=1):
+        expected = reference_answer(p.question, spec.modulus)
+        assert p.answer == str(expected)
+        assert p.solution.endswith(f"\\boxed{{{expected}}}")
+
+
+def test_solutions_score_one_with_the_verifier():
+    rewards = pytest.importorskip("megatron_s2l.algo.rewards")
+    problems = generate_problems(30, SPEC, seed=2)
+    assert all(rewards.math_reward(p.solution, p.answer) == 1.0 for p in problems)
+    wrong = str((int(problems[0].answer) + 1) % 10)
+    assert rewards.math_reward(problems[0].solution, wrong) == 0.0
+
+
+def test_splits_are_disjoint_and_stable():
+    train, held_out = task_splits(2000, 200, SPEC, seed=0)
+    assert len(train) == 2000 and len(held_out) == 200
+    assert not {p.question for p in train} & {p.question for p in held_out}
+    assert len({p.problem_id for p in train + held_out}) == 2200
+    assert task_splits(10, 200, SPEC, seed=0)[1] == held_out  # held-out set independent of the train size
+
+
+def test_too_small_a_space_is_reported():
+    tiny = TaskSpec(modulus=2, min_ops=1, max_ops=1, mul_max=2)  # 2 starts x 3 ops x 1 operand
+    assert len(generate_problems(6, tiny, seed=0)) == 6
+    with pytest.raises(ValueError, match="too few distinct questions"):
+        generate_problems(7, tiny, seed=0)
+
+
+def test_bad_spec_names_the_field():
+    with pytest.raises(ValueError, match="min_ops=3, max_ops=2"):
+        TaskSpec(min_ops=3, max_ops=2)
+
+
+def test_pretraining_examples_end_with_eos():
+    class CharTokenizer:
+        eos_id = 1
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    problems = generate_problems(3, SPEC, seed=0)
+    examples = pretraining_examples(problems, CharTokenizer(), render=lambda q: f"<{q}>")
+    for p, (prompt_ids, completion_ids) in zip(problems, examples):
+        assert prompt_ids == [ord(c) for c in f"<{p.question}>"]
+        assert completion_ids == [ord(c) for c in p.solution] + [1]
+
+
+def test_write_jsonl(tmp_path):
+    problems = generate_problems(3, SPEC, seed=0)
+    path = write_jsonl(problems, tmp_path / "b" / "bench.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows == [{"prompt_id": p.problem_id, "question": p.question, "answer": p.answer,
+                     "data_source": "s2l_arith"} for p in problems]
