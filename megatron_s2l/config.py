@@ -220,10 +220,18 @@ class LossConfig:
         return errors
 
 
+LRDecayStyle = Literal["constant", "linear", "cosine"]
+
+
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
-    min_lr: float = 0.0
+    """The learner's optimizer (megatron-core Adam), LR schedule and batching."""
+
+    lr: float = 1e-5  # peak learning rate
+    min_lr: float = 0.0  # floor of the decay
+    lr_warmup_steps: int = 0  # optimizer steps of linear warmup from 0 to lr
+    lr_decay_steps: int = 0  # optimizer steps over which lr decays to min_lr (incl. warmup); ignored if constant
+    lr_decay_style: LRDecayStyle = "constant"
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -234,6 +242,14 @@ class OptimConfig:
 
     def validate(self, at: str) -> list[str]:
         errors = _positive(self, at, "lr", "ppo_epochs", "mini_batch_prompts", "micro_batch_size")
+        if not 0 <= self.min_lr <= self.lr:
+            errors.append(f"{at}.min_lr={self.min_lr}: must be in [0, {at}.lr={self.lr}]")
+        if self.lr_warmup_steps < 0:
+            errors.append(f"{at}.lr_warmup_steps={self.lr_warmup_steps}: must be >= 0")
+        if self.lr_decay_style != "constant" and self.lr_decay_steps <= self.lr_warmup_steps:
+            errors.append(f"{at}.lr_decay_steps={self.lr_decay_steps}: lr_decay_style={self.lr_decay_style!r} "
+                          f"needs more decay steps than {at}.lr_warmup_steps={self.lr_warmup_steps} "
+                          f"(or set {at}.lr_decay_style='constant')")
         if self.clip_grad < 0:
             errors.append(f"{at}.clip_grad={self.clip_grad}: must be >= 0 (0 disables clipping)")
         return errors

@@ -1,0 +1,294 @@
+"""The GRPO learner on Megatron-Core: log-probs and optimizer steps under TP, PP and DP.
+
+Everything goes through megatron-core's own pieces: `build_model` (GPTModel) wrapped in megatron DDP,
+`get_megatron_optimizer` (Adam, grad clipping, optional distributed optimizer), `OptimizerParamScheduler`
+and `get_forward_backward_func` (no pipelining at PP=1, 1F1B at PP>1). Per-token log-probs come from the
+vocab-parallel logits on the last pipeline stage (`algo.logprobs`), the loss from `algo.loss.grpo_loss`.
+
+Data layout: every rank passes the same full batch. Rows are sharded over data-parallel ranks (by whole
+groups for training), each shard is cut into micro-batches of `optim.micro_batch_size` sequences trimmed
+to their longest masked position. Losses are scaled so that the gradient equals the single-process
+gradient of the whole mini-batch objective whatever the micro-batching and DP size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_s2l.algo.logprobs import vocab_parallel_logprobs
+from megatron_s2l.algo.loss import accumulate_metrics, all_reduce_metrics, finalize_metrics, grpo_loss
+from megatron_s2l.config import FP8Config, LossConfig, ModelConfig, OptimConfig, ParallelConfig
+from megatron_s2l.learner.model import build_model, init_parallel, transformer_config
+from megatron_s2l.types import TrainBatch
+
+MicroBatch = dict[str, torch.Tensor]
+
+
+class Learner:
+    """This rank's part of the policy (and optional frozen reference), its optimizer and LR schedule.
+
+    Collective: every rank of the job constructs it and calls each method with the same arguments.
+    """
+
+    def __init__(self, model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, loss: LossConfig,
+                 fp8: FP8Config, *, seed: int, with_reference: bool):
+        # Built before any process group so that an impossible FP8/TE request fails at once.
+        self.config = transformer_config(model, parallel, fp8)
+        init_parallel(parallel, seed)
+        self.optim, self.loss_kwargs = optim, dataclasses.asdict(loss)
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.variable_seq_lengths = True  # micro-batches are trimmed to their own length (PP p2p)
+        self.device = torch.device(torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        policy = build_model(model, self.config)
+        self.model_chunks = [policy]
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                   use_distributed_optimizer=parallel.use_distributed_optimizer)
+        self.ddp_chunks = [DistributedDataParallel(self.config, ddp_config, policy)]
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+                            adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, clip_grad=optim.clip_grad,
+                            use_distributed_optimizer=parallel.use_distributed_optimizer),
+            self.ddp_chunks)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if optim.lr_warmup_steps else optim.lr, max_lr=optim.lr,
+            min_lr=optim.min_lr, lr_warmup_steps=optim.lr_warmup_steps,
+            lr_decay_steps=max(optim.lr_decay_steps, optim.lr_warmup_steps + 1), lr_decay_style=optim.lr_decay_style,
+            start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=1, wd_incr_style="constant")
+        self.reference_chunks = []
+        if with_reference:
+            reference = build_model(model, self.config)
+            reference.requires_grad_(False)
+            self.reference_chunks = [reference]
+            self.update_reference()
+
+    def update_reference(self) -> None:
+        """Copy the policy's current weights into the frozen reference (at start, or to refresh it)."""
+        if not self.reference_chunks:
+            raise ValueError("update_reference: this Learner was built with with_reference=False")
+        for reference, policy in zip(self.reference_chunks, self.model_chunks):
+            reference.load_state_dict(policy.state_dict())
+
+    @torch.no_grad()
+    def logprobs(self, batch: TrainBatch, reference: bool = False) -> torch.Tensor:
+        """Per-token log-probs [B, L-1] fp32 of `batch.tokens` under the policy (or the reference).
+
+        The same full tensor is returned on every rank. Positions after a micro-batch's last masked
+        position are 0 (those tokens are never scored).
+        """
+        if reference and not self.reference_chunks:
+            raise ValueError("logprobs(reference=True): this Learner was built with with_reference=False")
+        chunks = self.reference_chunks if reference else self.ddp_chunks
+        for chunk in chunks:
+            chunk.eval()
+        rows = _data_parallel_rows(batch.size)
+        micro = self._micro_batches(batch.tokens[rows], batch.response_mask[rows], {})
+        # a replica with no rows (batch smaller than DP) skips the schedule: its model-parallel peers do too
+        outputs = self._schedule(chunks, micro, self._logprob_output, forward_only=True) if micro else []
+        local = torch.zeros(len(rows), batch.tokens.shape[1] - 1, device=self.device)  # [b, L-1]
+        if parallel_state.is_pipeline_last_stage():
+            start = 0
+            for logprobs in outputs:  # [m, T] each
+                local[start:start + logprobs.shape[0], :logprobs.shape[1]] = logprobs
+                start += logprobs.shape[0]
+        dist.broadcast(local, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+        return _gather_data_parallel_rows(local, batch.size).cpu()
+
+    def train(self, batch: TrainBatch, *, max_response_len: int | None = None) -> dict[str, float]:
+        """PPO epochs over mini-batches of `optim.mini_batch_prompts` groups, one optimizer step each.
+
+        `batch.advantages` and `batch.old_logprobs` must be set (and `ref_logprobs` when the loss has a
+        KL term). `max_response_len` is Dr.GRPO's constant (pass the generation budget; default: the
+        longest response in `batch`). Returns the metrics of `algo.loss` plus `grad_norm`, averaged over
+        the optimizer steps taken, the last `lr`, `skipped_steps` (steps whose loss or gradient was not
+        finite: no update) and `optimizer_steps`.
+        """
+        if batch.advantages is None or batch.old_logprobs is None:
+            raise ValueError("Learner.train: batch.advantages and batch.old_logprobs must be set "
+                             "(compute advantages and Learner.logprobs(batch) first)")
+        if self.loss_kwargs["kl_coef"] > 0 and batch.ref_logprobs is None:
+            raise ValueError(f"Learner.train: loss.kl_coef={self.loss_kwargs['kl_coef']} needs batch.ref_logprobs "
+                             f"(Learner.logprobs(batch, reference=True)), or set loss.kl_coef=0")
+        max_response_len = max_response_len or max(1, int(batch.response_mask.sum(1).max()))
+        totals: dict[str, float] = {}
+        steps = skipped = 0
+        for _ in range(self.optim.ppo_epochs):
+            for mini_batch in _mini_batches(batch, self.optim.mini_batch_prompts):
+                metrics = self._step_on(mini_batch, functools.partial(self._grpo_output,
+                                                                      max_response_len=max_response_len))
+                if metrics is None:
+                    skipped += 1
+                    continue
+                steps += 1
+                totals = {name: totals.get(name, 0.0) + value for name, value in metrics.items()}
+        averaged = {name: value / steps for name, value in totals.items()}
+        return averaged | {"lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": float(skipped),
+                           "optimizer_steps": float(steps)}
+
+    def sft_step(self, tokens: torch.Tensor, loss_mask: torch.Tensor) -> float:
+        """One optimizer step of token-mean cross-entropy on `tokens` [B, L] where `loss_mask` [B, L-1].
+
+        Every rank passes the same full batch. Returns the loss (nan if the step was skipped).
+        """
+        rows = torch.arange(tokens.shape[0])
+        batch = TrainBatch(tokens=tokens, response_mask=loss_mask.bool(), behaviour_logprobs=loss_mask.float(),
+                           is_explorer=torch.zeros(len(rows), dtype=torch.bool), group_index=rows,
+                           rewards=torch.zeros(len(rows)))
+        metrics = self._step_on(batch, self._cross_entropy_output)
+        return math.nan if metrics is None else metrics["loss"]
+
+    # -- one optimizer step ---------------------------------------------------------------------------
+
+    def _step_on(self, mini_batch: TrainBatch, output_fn: Callable) -> dict[str, float] | None:
+        """Forward/backward this rank's DP shard of `mini_batch` and step; None if the step was skipped."""
+        for chunk in self.ddp_chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        rows = _group_shard(mini_batch.group_index)
+        # A rank without groups still runs one fully masked micro-batch: the DP gradient reduction is a
+        # collective every rank must join, and a masked row adds exactly zero.
+        mask = mini_batch.response_mask[rows] if len(rows) else torch.zeros_like(mini_batch.response_mask[:1])
+        rows = rows if len(rows) else torch.zeros(1, dtype=torch.long)
+        extras = {"old_logprobs": mini_batch.old_logprobs, "ref_logprobs": mini_batch.ref_logprobs,
+                  "behaviour_logprobs": mini_batch.behaviour_logprobs, "advantages": mini_batch.advantages,
+                  "is_explorer": mini_batch.is_explorer}
+        extras = {name: value[rows] for name, value in extras.items() if value is not None}
+        micro = self._micro_batches(mini_batch.tokens[rows], mask, extras)
+        # The schedule divides each micro-batch loss by the number of micro-batches and DDP averages
+        # gradients over DP ranks; multiplying both back makes the micro-batch losses plain summands of
+        # the mini-batch objective (grpo_loss is normalised by the global token/sequence counts).
+        scale = len(micro) * parallel_state.get_data_parallel_world_size()
+        totals = {"num_tokens": max(1, int(mini_batch.response_mask.sum())), "num_sequences": mini_batch.size}
+        outputs = self._schedule(self.ddp_chunks, micro, functools.partial(output_fn, scale=scale, **totals),
+                                 forward_only=False)
+        metrics = _reduce_metrics(outputs)
+        # fp32 optimizers never check for inf/nan: look at the loss and the reduced gradient buffers here
+        local_ok = math.isfinite(metrics["loss"]) and all(
+            bool(torch.isfinite(buffer.grad_data).all()) for chunk in self.ddp_chunks for buffer in chunk.buffers)
+        ok = torch.tensor([float(local_ok)])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not ok.item():
+            for chunk in self.ddp_chunks:
+                chunk.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            return None
+        _, grad_norm, _ = self.optimizer.step()
+        if self.optim.clip_grad == 0:  # megatron computes the norm only to clip
+            grad_norm = self.optimizer.get_grad_norm()
+        self.scheduler.step(increment=1)
+        return metrics | {"grad_norm": float(grad_norm)}
+
+    # -- per-micro-batch outputs on the last pipeline stage ---------------------------------------------
+
+    def _token_logprobs(self, micro: MicroBatch, logits: torch.Tensor, with_entropy: bool = False):
+        """Log-probs (and entropy) [m, T] of the micro-batch targets from vocab-parallel `logits` [m, T, V/TP]."""
+        vocab_start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+        return vocab_parallel_logprobs(logits, micro["targets"], group=parallel_state.get_tensor_model_parallel_group(),
+                                       vocab_start=vocab_start, with_entropy=with_entropy)
+
+    def _logprob_output(self, micro: MicroBatch, logits: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
+        logprobs, _ = self._token_logprobs(micro, logits)  # [m, T]
+        return logprobs
+
+    def _grpo_output(self, micro: MicroBatch, logits: torch.Tensor, *, scale: int, num_tokens: int,
+                     num_sequences: int, max_response_len: int):
+        logprobs, entropy = self._token_logprobs(micro, logits, with_entropy=True)  # [m, T] each
+        loss, metrics = grpo_loss(logprobs, micro["old_logprobs"], micro["advantages"], micro["mask"],
+                                  num_tokens=num_tokens, num_sequences=num_sequences,
+                                  max_response_len=max_response_len, ref_logprobs=micro.get("ref_logprobs"),
+                                  behaviour_logprobs=micro["behaviour_logprobs"], entropy=entropy,
+                                  is_explorer=micro["is_explorer"], **self.loss_kwargs)
+        return loss * scale, metrics  # metrics are detached copies: the schedule divides the loss in place
+
+    def _cross_entropy_output(self, micro: MicroBatch, logits: torch.Tensor, *, scale: int, num_tokens: int,
+                              num_sequences: int):
+        logprobs, _ = self._token_logprobs(micro, logits)  # [m, T]
+        loss = -(logprobs * micro["mask"]).sum() / num_tokens  # this micro-batch's share of the token mean
+        return loss * scale, {"loss": loss.detach().clone()}
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+
+    def _micro_batches(self, tokens: torch.Tensor, mask: torch.Tensor, extras: dict[str, torch.Tensor]) -> list[MicroBatch]:
+        """Split rows into micro-batches, each trimmed to its last masked position (at least one token)."""
+        micro = []
+        for start in range(0, tokens.shape[0], self.optim.micro_batch_size):
+            part = slice(start, start + self.optim.micro_batch_size)
+            scored = mask[part].any(0).nonzero()
+            length = int(scored.max()) + 1 if len(scored) else 1
+            batch = {"tokens": tokens[part, :length], "targets": tokens[part, 1:length + 1],  # [m, T] each
+                     "mask": mask[part, :length]}
+            for name, value in extras.items():
+                batch[name] = value[part, :length] if value.dim() == 2 else value[part]
+            micro.append({name: value.to(self.device) for name, value in batch.items()})
+        return micro
+
+    def _schedule(self, chunks: list, micro: list[MicroBatch], output_fn: Callable, *, forward_only: bool) -> list:
+        """Run megatron's forward(-backward) schedule; returns the last stage's per-micro-batch outputs."""
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            tokens = batch["tokens"]  # [m, T]
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)  # [m, T]
+            return model(tokens, positions, None), functools.partial(output_fn, batch)
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro), model=chunks, num_microbatches=len(micro),
+            seq_length=max(batch["tokens"].shape[1] for batch in micro), micro_batch_size=self.optim.micro_batch_size,
+            forward_only=forward_only, collect_non_loss_data=forward_only)
+
+
+def _data_parallel_rows(size: int) -> torch.Tensor:
+    """The rows of a `size`-row batch this DP rank computes log-probs for (contiguous, balanced)."""
+    shards = torch.arange(size).tensor_split(parallel_state.get_data_parallel_world_size())
+    return shards[parallel_state.get_data_parallel_rank()]
+
+
+def _gather_data_parallel_rows(local: torch.Tensor, size: int) -> torch.Tensor:
+    """All-gather per-rank [b_r, ...] row shards (as split by `_data_parallel_rows`) into [size, ...]."""
+    world = parallel_state.get_data_parallel_world_size()
+    if world == 1:
+        return local
+    counts = [len(shard) for shard in torch.arange(size).tensor_split(world)]
+    padded = local.new_zeros((max(counts), *local.shape[1:]))  # gloo's all_gather needs equal shapes
+    padded[:len(local)] = local
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=parallel_state.get_data_parallel_group())
+    return torch.cat([part[:count] for part, count in zip(gathered, counts)])
+
+
+def _mini_batches(batch: TrainBatch, prompts: int) -> list[TrainBatch]:
+    """Consecutive mini-batches of `prompts` whole groups each (the last one may hold fewer)."""
+    groups = batch.group_index.unique()  # sorted
+    return [batch.select(torch.isin(batch.group_index, groups[start:start + prompts]))
+            for start in range(0, len(groups), prompts)]
+
+
+def _group_shard(group_index: torch.Tensor) -> torch.Tensor:
+    """Rows of this DP rank: the groups are split into contiguous, balanced runs of whole groups."""
+    groups = group_index.unique()
+    mine = groups.tensor_split(parallel_state.get_data_parallel_world_size())[parallel_state.get_data_parallel_rank()]
+    return torch.isin(group_index, mine).nonzero().flatten()
+
+
+def _reduce_metrics(outputs: list[dict]) -> dict[str, float]:
+    """Combine per-micro-batch metrics exactly over micro-batches and DP ranks; the same dict on every rank."""
+    metrics = None
+    if parallel_state.is_pipeline_last_stage():
+        combined = functools.reduce(accumulate_metrics, outputs)  # tensors on the device: NCCL reduces them
+        metrics = finalize_metrics(all_reduce_metrics(combined, group=parallel_state.get_data_parallel_group()))
+    shared = [metrics]
+    dist.broadcast_object_list(shared, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                               group=parallel_state.get_pipeline_model_parallel_group())
+    return shared[0]
