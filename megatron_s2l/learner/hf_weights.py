@@ -53,7 +53,8 @@ _LAYER = {
 _QK_NORMS = {"self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"}  # Qwen3 only
 _TE_NAMES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
              "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
-_EMBEDDING, _FINAL_NORM, _OUTPUT = "embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight"
+_EMBEDDING, _FINAL_NORM = "embedding.word_embeddings.weight", "decoder.final_layernorm.weight"
+_OUTPUT = "output_layer.weight"
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,7 @@ def hf_config(cfg: ModelConfig, family: str | None = None) -> dict:
 
 # ---------------------------------------------------------------- the model's own parameters
 
-def _local_parameters(model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig) -> dict[str, torch.nn.Parameter]:
+def _local_parameters(model_chunks: Sequence[torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
     """This rank's parameters by global name (layer indices made global through `layer_number`).
 
     The tied output layer of a last pipeline stage (a copy of the embedding) is returned under its own
@@ -287,7 +288,9 @@ def _check_model(params: Mapping[str, torch.nn.Parameter], entries: Mapping[str,
             prefix = f"decoder.layers.{layer.layer_number - 1}."
             expected |= {name for name in entries if name.startswith(prefix)}
         if chunk.post_process:
-            expected |= {_FINAL_NORM, _OUTPUT} if (not cfg.tie_word_embeddings or not chunk.pre_process) else {_FINAL_NORM}
+            expected.add(_FINAL_NORM)
+            if not cfg.tie_word_embeddings or not chunk.pre_process:  # tied: a separate copy only off stage 0
+                expected.add(_OUTPUT)
     unknown, missing = sorted(set(params) - expected), sorted(expected - set(params))
     if unknown or missing:
         raise ValueError(f"the Megatron model does not match the config (layer_spec={cfg.layer_spec!r}, "
@@ -350,7 +353,7 @@ def load_hf_weights(model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig,
     _check_tp(cfg, tp)
     check_hf_state(cfg, state)
     entries = {entry.megatron: entry for entry in weight_map(cfg)}
-    params = _local_parameters(model_chunks, cfg)
+    params = _local_parameters(model_chunks)
     _check_model(params, entries, cfg, model_chunks)
     items = list(params.items())
     if progress:
@@ -380,7 +383,7 @@ def export_hf_weights(model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig)
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     _check_tp(cfg, tp)
     entries = weight_map(cfg)
-    params = _local_parameters(model_chunks, cfg)
+    params = _local_parameters(model_chunks)
     _check_model(params, {e.megatron: e for e in entries}, cfg, model_chunks)
     if cfg.tie_word_embeddings:
         params.pop(_OUTPUT, None)  # a last stage's copy of the embedding: exported once, as the embedding
@@ -439,7 +442,8 @@ class _SafetensorsState(Mapping):
         self.path = Path(path)
         index = self.path / INDEX
         if index.is_file():
-            self._files = {name: self.path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+            weight_files = json.loads(index.read_text())["weight_map"]
+            self._files = {name: self.path / file for name, file in weight_files.items()}
         else:
             files = sorted(self.path.glob("*.safetensors"))
             if not files:
@@ -482,36 +486,37 @@ def write_safetensors(named_tensors: Iterable[tuple[str, torch.Tensor]], out_dir
     """Write a stream of (name, tensor) as HF safetensors shards of at most `max_shard_bytes` each.
 
     One shard is `model.safetensors`; several are `model-0000i-of-0000n.safetensors` with an index.
-    Holds one shard in memory at a time. Returns the files written.
+    Holds one shard in memory at a time; replaces the model files of an earlier export in `out_dir`.
+    Returns the files written.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    parts, shard, shard_bytes, weight_map = [], {}, 0, {}
-
-    def flush():
-        part = out_dir / f"model-part{len(parts):05d}.safetensors.tmp"
-        save_file(shard, str(part), metadata={"format": "pt"})
-        parts.append((part, list(shard)))
-
+    for stale in [*out_dir.glob("model*.safetensors"), out_dir / INDEX]:  # a previous export's shards
+        stale.unlink(missing_ok=True)
+    parts, shard, shard_bytes, total_bytes = [], {}, 0, 0
     for name, tensor in named_tensors:
         tensor = tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
         size = tensor.numel() * tensor.element_size()
         if shard and shard_bytes + size > max_shard_bytes:
-            flush()
+            parts.append(_write_part(shard, out_dir / f"model-part{len(parts):05d}.safetensors.tmp"))
             shard, shard_bytes = {}, 0
-        shard[name], shard_bytes = tensor, shard_bytes + size
+        shard[name], shard_bytes, total_bytes = tensor, shard_bytes + size, total_bytes + size
     if shard:
-        flush()
-    files = []
-    for i, (part, names) in enumerate(parts):
-        final = out_dir / ("model.safetensors" if len(parts) == 1 else f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors")
-        part.replace(final)
-        files.append(final)
-        weight_map.update(dict.fromkeys(names, final.name))
+        parts.append(_write_part(shard, out_dir / f"model-part{len(parts):05d}.safetensors.tmp"))
+    files, index = [], {}
+    for i, (part, names) in enumerate(parts):  # the shard count is known only now: name the files
+        name = "model.safetensors" if len(parts) == 1 else f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        files.append(part.replace(out_dir / name))
+        index.update(dict.fromkeys(names, name))
     if len(parts) > 1:
-        total = sum(f.stat().st_size for f in files)
-        (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": index},
+                                                indent=2))
     return files
+
+
+def _write_part(tensors: dict[str, torch.Tensor], path: Path) -> tuple[Path, list[str]]:
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path, list(tensors)
 
 
 def save_hf_dir(model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig, out_dir: str | Path, *,

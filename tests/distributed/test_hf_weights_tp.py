@@ -77,8 +77,29 @@ def _convert_and_run(rank, world_size, tokens, paths):
             logits = _megatron_logits(model, tokens)
             exported = {name: tensor.clone().numpy() for name, tensor in export_hf_weights([model], cfg)}
             results[tp, pp, path] = (None if logits is None else logits.numpy(), exported)
+        results[tp, pp, "refusals"] = _refusals(model, cfg, load_file(f"{path}/model.safetensors"), tp)
         parallel_state.destroy_model_parallel()
     return results
+
+
+def _refusals(model, cfg, state, tp):
+    """The error messages of loading into a model of another architecture, and of a vocabulary TP can't split."""
+    import dataclasses
+
+    from megatron_s2l.learner.hf_weights import load_hf_weights
+
+    messages = []
+    qk_norms = {f"model.layers.{i}.self_attn.{norm}.weight": torch.ones(cfg.kv_channels)
+                for i in range(cfg.num_layers) for norm in ("q_norm", "k_norm")}
+    other_family = dataclasses.replace(cfg, qk_layernorm=not cfg.qk_layernorm)
+    other_state = (state | qk_norms if other_family.qk_layernorm
+                   else {k: v for k, v in state.items() if k not in qk_norms})
+    for wrong, wrong_state in ((other_family, other_state), (dataclasses.replace(cfg, vocab_size=511), state)):
+        try:
+            load_hf_weights([model], wrong, wrong_state)
+        except ValueError as err:
+            messages.append(str(err))
+    return messages
 
 
 @pytest.mark.distributed
@@ -100,3 +121,12 @@ def test_megatron_matches_hf_and_round_trips(hf_models):
                 for name, tensor in hf_state.items():
                     assert torch.equal(torch.from_numpy(exported[name]), tensor), \
                         f"TP={tp} PP={pp} {path} rank {rank}: {name}"
+        for results in per_rank:
+            wrong_model, odd_vocab = results[tp, pp, "refusals"]
+            assert "the Megatron model does not match the config" in wrong_model
+            assert "self_attention.q_layernorm.weight" in wrong_model  # names what differs
+            if tp == 2:
+                assert odd_vocab.startswith("vocab_size=511 is not divisible by tensor_model_parallel_size=2: "
+                                            "pad the vocabulary")
+            else:
+                assert "model.embed_tokens.weight has shape [512, 128]" in odd_vocab

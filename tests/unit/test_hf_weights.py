@@ -12,8 +12,8 @@ import torch
 
 from megatron_s2l.config import ModelConfig
 from megatron_s2l.learner.hf_weights import (COLUMN, FC1, QKV, REPLICATED, ROW, check_hf_state, hf_config,
-                                             model_config_from_dict, model_config_from_hf, shard, to_hf,
-                                             to_megatron, unshard, weight_map)
+                                             model_config_from_dict, model_config_from_hf, read_hf_state, shard,
+                                             to_hf, to_megatron, unshard, weight_map, write_safetensors)
 from tests.tiny_models import write_tiny_model
 
 
@@ -156,3 +156,27 @@ def test_check_hf_state_refuses_mismatches(tiny):
         check_hf_state(dataclasses.replace(cfg, tie_word_embeddings=True), state)
     with pytest.raises(ValueError, match="does not match a llama model"):
         check_hf_state(dataclasses.replace(cfg, qk_layernorm=False), state)
+
+
+def test_sharded_safetensors_round_trip_lazily(tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = {f"t{i}": torch.full((4, 8), float(i)) for i in range(5)}  # 128 bytes each in fp32
+    files = write_safetensors(iter(tensors.items()), tmp_path, max_shard_bytes=300)  # 2 tensors per shard
+    assert [f.name for f in files] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert list(load_file(files[2])) == ["t4"]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 5 * 128 and index["weight_map"]["t2"] == files[1].name
+    state = read_hf_state(tmp_path)
+    assert list(state) == list(tensors) and state.shape("t3") == [4, 8]
+    assert all(torch.equal(state[name], tensor) for name, tensor in tensors.items())
+    single = write_safetensors(iter(tensors.items()), tmp_path, max_shard_bytes=10**6, dtype=torch.bfloat16)
+    assert [f.name for f in single] == ["model.safetensors"] and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["model.safetensors"]  # the earlier shards and index are replaced
+    assert read_hf_state(tmp_path)["t1"].dtype == torch.bfloat16
+
+
+def test_read_hf_state_refuses_a_directory_without_safetensors(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="no \\*.safetensors files"):
+        read_hf_state(tmp_path)
