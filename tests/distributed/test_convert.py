@@ -130,3 +130,37 @@ def test_megatron_to_hf_refuses_a_directory_without_checkpoint(tmp_path, capsys)
     with pytest.raises(SystemExit):
         _tool(TO_HF).main(["--load-dir", str(tmp_path), "--save-dir", str(tmp_path / "out")])
     assert "no checkpoint (no 'latest' file)" in capsys.readouterr().err
+
+
+def _learner_checkpoint_to_hf(rank, world_size, root):
+    """A training checkpoint (optimizer, reference, state) converted with only --hf-config to describe it."""
+    from megatron_s2l.config import FP8Config, LossConfig, ModelConfig, OptimConfig, ParallelConfig
+    from megatron_s2l.learner.checkpoint import save_checkpoint
+    from megatron_s2l.learner.convert import megatron_to_hf
+    from megatron_s2l.learner.hf_weights import export_hf_weights, hf_config
+    from megatron_s2l.learner.step import Learner
+    from tests.distributed.test_learner import allow_child_processes
+
+    allow_child_processes()  # the checkpoint writer forks
+    cfg = ModelConfig(num_layers=2, tie_word_embeddings=False)
+    learner = Learner(cfg, ParallelConfig(), OptimConfig(), LossConfig(), FP8Config(), seed=3, with_reference=True)
+    with torch.no_grad():  # the policy moves away from its initial copy (the reference), as training would
+        for param in learner.model_chunks[0].parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    save_checkpoint(f"{root}/run", 5, learner, state={"data_position": 7})
+    (Path(root) / "orig").mkdir()
+    (Path(root) / "orig" / "config.json").write_text(json.dumps(hf_config(cfg) | {"eos_token_id": 1}))
+    megatron_to_hf(f"{root}/run", f"{root}/hf", ParallelConfig(), hf_config_path=f"{root}/orig")
+    got = read_hf_state(f"{root}/hf")
+    expected = dict(export_hf_weights(learner.model_chunks, cfg))
+    mismatched = sorted(name for name in expected if not torch.equal(got[name], expected[name]))
+    return sorted(got) == sorted(expected), mismatched, json.loads(Path(f"{root}/hf/config.json").read_text())
+
+
+@pytest.mark.distributed
+def test_training_checkpoint_converts_with_its_hf_config(tmp_path):
+    from tests.multiprocess import run_ranks
+
+    [(same_names, mismatched, config)] = run_ranks(_learner_checkpoint_to_hf, 1, str(tmp_path), timeout=240)
+    assert same_names and mismatched == []
+    assert (config["model_type"], config["eos_token_id"], config["dtype"]) == ("qwen3", 1, "float32")
