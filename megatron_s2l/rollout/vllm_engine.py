@@ -14,11 +14,14 @@ is re-packed at the end. `model.load_weights` alone fails on CPU because linears
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
+import random
 import time
 from collections.abc import Iterable, Sequence
 from typing import Optional
 
+import numpy as np
 import torch
 
 from megatron_s2l.config import EngineConfig, SamplingConfig
@@ -38,19 +41,22 @@ class WeightUpdateExtension:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
+        self.s2l_loaded = set()
         with set_current_vllm_config(self.vllm_config):
             initialize_layerwise_reload(self.model_runner.get_model())
 
-    def s2l_load_weight_bucket(self, payload) -> list[str]:
-        """Load one bucket of HF-named tensors; return the names the model accepted."""
+    def s2l_load_weight_bucket(self, payload) -> int:
+        """Load one bucket of HF-named tensors; return how many model parameters it filled."""
         from vllm.config import set_current_vllm_config
 
         with set_current_vllm_config(self.vllm_config):
-            loaded = self.model_runner.get_model().load_weights(decode_bucket(payload, self.device))
-        return sorted(loaded or ())
+            loaded = self.model_runner.get_model().load_weights(decode_bucket(payload, self.device)) or set()
+        self.s2l_loaded |= set(loaded)
+        return len(loaded)
 
-    def s2l_finish_weight_update(self) -> None:
-        """Process layers that never completed and refresh a tied lm_head's packed copy."""
+    def s2l_finish_weight_update(self) -> list[str]:
+        """Process layers that never completed, refresh a tied lm_head's packed copy, and return the
+        model parameters no bucket covered (they keep their old values)."""
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
@@ -62,6 +68,20 @@ class WeightUpdateExtension:
                 # lm_head shares the embedding's storage, but its (CPU) packed GEMM weight was built from
                 # the old values and no loader touches lm_head when embeddings are tied.
                 lm_head.quant_method.process_weights_after_loading(lm_head)
+        return sorted({name for name, _ in model.named_parameters()} - self.s2l_loaded)
+
+
+@contextlib.contextmanager
+def _trainer_rng_preserved():
+    """Restore the global torch/numpy/python random states on exit: an in-process engine seeds them at
+    start-up and its sampler draws from them, and the trainer's random streams must not move."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 class VLLMEngine:
@@ -87,9 +107,10 @@ class VLLMEngine:
         self.llm = self._start(hf_path)
 
     def _start(self, hf_path: str):
-        if self._in_process:
-            # vLLM reads this when the engine is built: keep the engine core in this process.
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # Read when the engine is built: TP=1 keeps the engine core in this process; TP>1 runs vLLM's
+        # default multiprocess layout (engine core + one worker per rank), set explicitly because an
+        # earlier TP=1 engine in this process changed it.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self._in_process else "1"
         if self.cfg.tensor_parallel_size > 1 and self.cfg.cpu_omp_threads_bind and not torch.cuda.is_available():
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.cfg.cpu_omp_threads_bind
         from vllm import LLM
@@ -104,7 +125,8 @@ class VLLMEngine:
                           enable_sleep_mode=self._sleep_mode)
         else:
             kwargs.update(kv_cache_memory_bytes=self.cfg.kv_cache_memory_bytes)
-        return LLM(**kwargs)
+        with _trainer_rng_preserved():
+            return LLM(**kwargs)
 
     def max_prompt_len(self, sampling: SamplingConfig) -> int:
         """The longest prompt that still leaves room for `sampling.max_new_tokens` in max_model_len."""
@@ -162,7 +184,9 @@ class VLLMEngine:
             return results
         record = sampling_record(sampling)
         policy_id = self.model_id if self.version is None else f"{self.model_id}@{self.version}"
-        for i, output in zip(index, self.llm.generate(requests, params, use_tqdm=False)):
+        with _trainer_rng_preserved():
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+        for i, output in zip(index, outputs):
             prompt = prompts[i]
             results[i] = [Sample(prompt_id=prompt.prompt_id, prompt_ids=list(prompt.prompt_ids),
                                  response_ids=list(c.token_ids),
@@ -179,23 +203,25 @@ class VLLMEngine:
         Buckets of `engine.refit_bucket_bytes` are sent as they fill, so the caller's iterator (e.g. a
         TP/PP gather) is consumed lazily and at most one bucket is held in flight. Every parameter of
         the model must be covered. `version` (e.g. the learner's step) is appended to the policy_id of
-        later samples. Returns {"bytes", "seconds", "buckets"}.
+        later samples. Returns {"bytes", "seconds", "buckets"}; raises ValueError if a parameter got no tensor.
         """
         start = time.perf_counter()
         transport = "direct" if self._in_process else ("cuda_ipc" if torch.cuda.is_available() else "bytes")
         self.llm.collective_rpc("s2l_begin_weight_update")
-        total, buckets, loaded = 0, 0, set()
+        total, buckets = 0, 0
         for bucket in iter_buckets(named_tensors, self.cfg.refit_bucket_bytes):
-            replies = self.llm.collective_rpc("s2l_load_weight_bucket", args=(encode_bucket(bucket, transport),))
-            loaded.update(replies[0])
+            self.llm.collective_rpc("s2l_load_weight_bucket", args=(encode_bucket(bucket, transport),))
             total += sum(t.numel() * t.element_size() for _, t in bucket)
             buckets += 1
-        self.llm.collective_rpc("s2l_finish_weight_update")
+        missing = self.llm.collective_rpc("s2l_finish_weight_update")[0]
         # Cached prefixes hold keys/values computed with the old weights.
         self.llm.reset_prefix_cache()
+        if missing:
+            raise ValueError(f"update_weights: no tensor for {len(missing)} of the {self.source} engine's parameters "
+                             f"(first: {missing[:3]}); they keep their old values. Pass every HF-named weight "
+                             f"of the model (tied lm_head excepted)")
         self.version = version
-        return {"bytes": float(total), "seconds": time.perf_counter() - start, "buckets": float(buckets),
-                "tensors_loaded": float(len(loaded))}
+        return {"bytes": float(total), "seconds": time.perf_counter() - start, "buckets": float(buckets)}
 
     def sleep(self, level: int = 1) -> None:
         """Release GPU memory between rollouts (level 1 keeps a CPU copy of the weights, level 2 drops

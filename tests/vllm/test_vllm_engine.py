@@ -39,8 +39,13 @@ def refitted(models):
 
 @pytest.fixture(scope="module")
 def fresh(models):
-    """An engine started on the new weights."""
-    return VLLMEngine(str(models["new"]), engine_config(), source="learner", model_id="learner", eos_token_id=EOS)
+    """An engine started on the new weights; records the trainer's next random draw around the start."""
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    engine = VLLMEngine(str(models["new"]), engine_config(), source="learner", model_id="learner", eos_token_id=EOS)
+    engine.rng_draws = (expected, torch.rand(3))
+    return engine
 
 
 def hf_logprobs(path, prompt_ids, response_ids) -> torch.Tensor:
@@ -67,6 +72,15 @@ def test_sampled_logprobs_equal_hf_forward(fresh, models):
         assert sample.sampling == dataclasses.asdict(SAMPLED)
         assert (sample.finish_reason, len(sample.response_ids)) == ("length", 24) or (
             sample.finish_reason == "stop" and sample.response_ids[-1] == EOS)
+
+
+def test_the_trainers_random_stream_is_untouched(fresh):
+    expected, after_start = fresh.rng_draws
+    assert torch.equal(after_start, expected)
+    state = torch.get_rng_state()
+    fresh.generate(PROMPTS, 2, SAMPLED, seed=1)
+    fresh.generate(PROMPTS, 2, SAMPLED)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_counts_per_prompt_and_seeds(fresh):
@@ -126,3 +140,13 @@ def test_update_weights_equals_fresh_engine(refitted, fresh, models):
             torch.testing.assert_close(torch.tensor(g.behaviour_logprobs), torch.tensor(w.behaviour_logprobs),
                                        atol=1e-5, rtol=0)
             assert g.policy_id == "learner@7"
+
+
+def test_update_missing_a_parameter_is_refused(refitted, models):
+    from safetensors.torch import load_file
+
+    weights = load_file(str(models["new"] / "model.safetensors"))
+    partial = [(name, t) for name, t in weights.items() if name != "model.norm.weight"]
+    with pytest.raises(ValueError, match=r"no tensor for 1 of the learner engine's parameters .*model.norm.weight"):
+        refitted.update_weights(partial, version=8)
+    assert refitted.version == 7
