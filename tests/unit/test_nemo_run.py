@@ -41,6 +41,24 @@ def test_slurm_executor_rejects_bad_sizes_before_importing_anything():
         launch.slurm_executor(account="", partition=None, nodes=0, gpus_per_node=8, job_dir="/j", retries=-1)
 
 
+def test_missing_nemo_run_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nemo_run", None)  # what `import nemo_run` sees when it is absent
+    with pytest.raises(ImportError, match=r'install it with pip install "nemo-run==0.11.1" "leptonai<0.47"'):
+        launch.pretrain_script([])
+
+
+def test_cli_splits_launcher_options_from_training_arguments():
+    spec = importlib.util.spec_from_file_location("launch_nemo_run", ROOT / "tools" / "launch_nemo_run.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    args, extra = cli.parse_args(["slurm", "--account", "acct", "--nodes", "4", "--job-dir", "/j", "--container-mount",
+                                  "/a:/a", "--container-mount", "/b:/b", "--dryrun", "--", "--lr", "1e-6", "x.y=1"])
+    assert (args.where, args.account, args.nodes, args.gpus_per_node, args.dryrun) == ("slurm", "acct", 4, 8, True)
+    assert args.container_mount == ["/a:/a", "/b:/b"] and extra == ["--lr", "1e-6", "x.y=1"]
+    with pytest.raises(SystemExit):  # --nproc-per-node is required for local runs
+        cli.parse_args(["local"])
+
+
 @needs_nemo_run
 @pytest.mark.distributed
 def test_local_executor_runs_a_two_rank_torchrun_job(tmp_path):
