@@ -40,33 +40,41 @@ def _chunks(num_tokens: int, chunk_size: Optional[int]):
     return ((start, min(start + step, num_tokens)) for start in range(0, num_tokens, step))
 
 
-def _forward_chunk(x: Tensor, targets: Tensor, group, vocab_start: int, with_entropy: bool):
-    """Statistics of one chunk of tokens: x [n, V_local] any dtype, targets [n] global ids.
+def _workspace(logits: Tensor, chunk_size: Optional[int], with_entropy: bool) -> Tensor:
+    """fp32 scratch for one chunk, [1 or 2, chunk, V_local], reused by every chunk: on CPU a fresh
+    allocation of this size costs more page faults than the arithmetic does."""
+    rows = min(chunk_size or logits.shape[0], logits.shape[0])
+    return logits.new_empty((2 if with_entropy else 1, rows, logits.shape[-1]), dtype=torch.float32)
+
+
+def _forward_chunk(x: Tensor, targets: Tensor, group, vocab_start: int, work: Tensor, with_entropy: bool):
+    """Statistics of one chunk of tokens: x [n, V_local] any dtype, targets [n] global ids, work the
+    chunk's scratch [1 or 2, n, V_local].
 
     Returns logp [n], entropy [n] or None, and what the backward needs: m [n], log S [n], E [n] or
     None, and how many shards own each target [n] (1 everywhere for valid targets).
     """
-    x = x.float()  # [n, V_local] a copy only for low-precision logits
-    sharded = _shards(group)
-    m = x.max(dim=-1).values  # [n]
-    if sharded:
+    z = work[0].copy_(x)  # [n, V_local] fp32 x
+    m = z.max(dim=-1).values  # [n]
+    if _shards(group):
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    z = x - m.unsqueeze(-1)  # [n, V_local] <= 0
-    e = z.exp()  # [n, V_local]
+    z.sub_(m.unsqueeze(-1))  # [n, V_local] x - m <= 0
     local = targets - vocab_start  # [n]
     owned = (local >= 0) & (local < x.shape[-1])  # [n]
     z_target = z.gather(-1, local.clamp(0, x.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)  # [n]
-    rows = [e.sum(dim=-1), torch.where(owned, z_target, 0.0), owned.float()]  # 3 x [n]
     if with_entropy:
-        rows.append(e.mul_(z).sum(dim=-1))  # [n] sum_v e_v z_v; e is not needed after this
-    stats = torch.stack(rows)  # [3 or 4, n]
-    if sharded:
+        e = torch.exp(z, out=work[1])  # [n, V_local]
+        rows = [e.sum(dim=-1), e.mul_(z).sum(dim=-1)]  # 2 x [n] sum_v e_v and sum_v e_v z_v
+    else:
+        rows = [z.exp_().sum(dim=-1)]  # [n]
+    stats = torch.stack(rows + [torch.where(owned, z_target, 0.0), owned.float()])  # [3 or 4, n]
+    if _shards(group):
         dist.all_reduce(stats, group=group)
     log_s = stats[0].log()  # [n]
-    logp = stats[1] - log_s  # [n]
-    expectation = stats[3] / stats[0] if with_entropy else None  # [n] E_p[z]
+    logp = stats[-2] - log_s  # [n]
+    expectation = stats[1] / stats[0] if with_entropy else None  # [n] E_p[z]
     entropy = log_s - expectation if with_entropy else None  # [n]
-    return logp, entropy, m, log_s, expectation, stats[2]
+    return logp, entropy, m, log_s, expectation, stats[-1]
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
@@ -80,9 +88,10 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         m, log_s = torch.empty_like(logp), torch.empty_like(logp)  # [N]
         expectation = torch.empty_like(entropy)  # [N] or [0]
         owners = torch.empty_like(logp)  # [N]
+        work = _workspace(logits, chunk_size, with_entropy)  # [1 or 2, chunk, V_local]
         for a, b in _chunks(n, chunk_size):
             lp, h, m[a:b], log_s[a:b], ex, owners[a:b] = _forward_chunk(
-                logits[a:b], targets[a:b], group, vocab_start, with_entropy)
+                logits[a:b], targets[a:b], group, vocab_start, work[:, :b - a], with_entropy)
             logp[a:b] = lp
             if with_entropy:
                 entropy[a:b], expectation[a:b] = h, ex
@@ -101,16 +110,19 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         logits, targets, m, log_s, expectation = ctx.saved_tensors
         grad = torch.empty_like(logits)  # [N, V_local] in the logits' dtype
         v_local = logits.shape[-1]
+        log_z = (m + log_s).unsqueeze(-1)  # [N, 1] global log partition function
+        centre = (expectation - log_s).unsqueeze(-1) if ctx.with_entropy else None  # [N, 1] E_p[x] - log Z
+        work = _workspace(logits, ctx.chunk_size, ctx.with_entropy)  # [1 or 2, chunk, V_local]
         for a, b in _chunks(logits.shape[0], ctx.chunk_size):
-            z = logits[a:b].float() - m[a:b].unsqueeze(-1)  # [n, V_local] x - m
-            p = (z - log_s[a:b].unsqueeze(-1)).exp_()  # [n, V_local] softmax over the full vocabulary
+            z = work[0, :b - a].copy_(logits[a:b]).sub_(log_z[a:b])  # [n, V_local] x - log Z = log p
             g = grad_logp[a:b].unsqueeze(-1)  # [n, 1]
             if ctx.with_entropy:
+                p = torch.exp(z, out=work[1, :b - a])  # [n, V_local] softmax over the full vocabulary
                 # -p (g_logp + g_H (x - E_p[x])), formed in place in z
-                coef = z.sub_(expectation[a:b].unsqueeze(-1)).mul_(grad_entropy[a:b].unsqueeze(-1)).add_(g)
+                coef = z.sub_(centre[a:b]).mul_(grad_entropy[a:b].unsqueeze(-1)).add_(g)
                 p.mul_(coef).neg_()
             else:
-                p.mul_(-g)
+                p = z.exp_().mul_(-g)  # [n, V_local] -g softmax
             local = targets[a:b] - ctx.vocab_start  # [n]
             owned = (local >= 0) & (local < v_local)  # [n]
             rows = torch.arange(b - a, device=logits.device)[owned]  # [n_owned]
