@@ -59,13 +59,18 @@ def s2l_settings(name: str, *, learner_hf_path: str, explorer_hf_path: str, run_
     return apply_overrides(data, list(overrides))
 
 
+def optimizer_steps_per_phase(cfg: S2LConfig) -> int:
+    """Optimizer steps of one rollout phase: PPO epochs x mini-batches of the step's prompts."""
+    return cfg.optim.ppo_epochs * (cfg.prompts_per_step // cfg.optim.mini_batch_prompts)
+
+
 def optimizer_steps(cfg: S2LConfig) -> int:
     """Optimizer steps of a whole run: PPO epochs x mini-batches per phase x phases.
 
     Combined groups: one phase per step. Separate groups: an explorer and a learner phase during the first
     t_mix steps (an upper bound: a step whose split leaves one source empty runs one phase).
     """
-    per_phase = cfg.optim.ppo_epochs * (cfg.prompts_per_step // cfg.optim.mini_batch_prompts)
+    per_phase = optimizer_steps_per_phase(cfg)
     phases = cfg.train_steps
     if cfg.schedule.group_mode == "separate" and cfg.explorer.source != "none":
         phases += min(cfg.schedule.t_mix, cfg.train_steps)
@@ -78,11 +83,12 @@ def bridge_config(cfg: S2LConfig) -> Any:
     provider = auto_bridge.from_hf_pretrained(cfg.learner.hf_path).to_megatron_provider(load_weights=True)
     provider.tensor_model_parallel_size = cfg.parallel.tensor_model_parallel_size
     provider.pipeline_model_parallel_size = cfg.parallel.pipeline_model_parallel_size
-    provider.sequence_parallel = False  # the S2L learner does not use it (it needs TE on every rank's inputs)
+    provider.sequence_parallel = False  # as the S2L learner: activations are not sharded along the sequence
     provider.seq_length = cfg.data.max_prompt_length + cfg.learner_sampling.max_new_tokens
     provider.transformer_impl = "transformer_engine" if cfg.learner.layer_spec == "te" else "local"
     optim = cfg.optim
     constant = optim.lr_decay_style == "constant"
+    per_step = optimizer_steps_per_phase(cfg)  # Bridge counts intervals in optimizer steps, S2L in rollout steps
     return c.ConfigContainer(
         model=provider,
         train=c.TrainingConfig(train_iters=optimizer_steps(cfg), micro_batch_size=optim.micro_batch_size,
@@ -98,10 +104,12 @@ def bridge_config(cfg: S2LConfig) -> Any:
         ddp=c.DistributedDataParallelConfig(use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
                                             grad_reduce_in_fp32=True, check_for_nan_in_grad=True),
         dataset=None,  # prompts come from the S2L data section (as NeMo-RL does for its Megatron policy)
-        logger=c.LoggerConfig(log_interval=cfg.logging.log_interval, tensorboard_dir=cfg.logging.tensorboard_dir),
+        logger=c.LoggerConfig(log_interval=cfg.logging.log_interval * per_step,
+                              tensorboard_dir=cfg.logging.tensorboard_dir),
         tokenizer=c.TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=cfg.learner.hf_path),
         checkpoint=c.CheckpointConfig(save=cfg.checkpoint.save_dir, load=cfg.checkpoint.load_dir,
-                                      save_interval=cfg.checkpoint.save_interval or None, ckpt_format="torch_dist"),
+                                      save_interval=cfg.checkpoint.save_interval * per_step or None,
+                                      ckpt_format="torch_dist"),
         rng=c.RNGConfig(seed=cfg.seed),
         mixed_precision=MIXED_PRECISION[cfg.fp8.recipe] if cfg.fp8.enabled else "bf16_mixed",
     )

@@ -55,6 +55,7 @@ def test_s2l_settings_are_the_papers_and_validate(hf_dirs, tmp_path, name, group
     assert (cfg.optim.lr, cfg.loss.kl_type, cfg.loss.kl_coef) == (1e-6, "low_var_kl", 0.001)
     assert (cfg.prompts_per_step, cfg.optim.mini_batch_prompts) == (1024, 32)
     # The Bridge side's horizon: 1024 / 32 mini-batches x 1 epoch x 16 steps, all combined.
+    assert recipes.optimizer_steps_per_phase(cfg) == 32
     assert recipes.optimizer_steps(cfg) == 32 * 16
 
 
@@ -100,5 +101,6 @@ def test_recipe_builds_a_bridge_config_container_from_local_hf_dirs(tmp_path):
     assert (container.train.train_iters, container.train.global_batch_size) == (32 * 16, 32 * 16)
     assert container.optimizer.lr == 1e-6 and container.scheduler.lr_decay_style == "constant"
     assert container.checkpoint.save == container.checkpoint.load == f"{tmp_path}/run/checkpoints"
+    assert container.checkpoint.save_interval == 32  # every rollout step = 32 optimizer steps
     assert container.tokenizer.tokenizer_model == str(learner)
     assert container.dataset is None
