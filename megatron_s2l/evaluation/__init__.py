@@ -1,0 +1,1 @@
+"""pass@k evaluation of model directories on benchmark files (tools/evaluate.py is its command line)."""
