@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                 _hf_dir(model_dir, out, args.hf_config, args.tokenizer_dir), benches, out, k=args.k,
                 sampling=sampling, engine=engine, template=args.template, max_prompt_length=args.max_prompt_length,
                 on_bad_prompt=args.on_bad_prompt, seed=args.seed, label=label, tokenizer_dir=args.tokenizer_dir)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, subprocess.CalledProcessError) as err:
         sys.exit(f"evaluate: error: {err}")
     if args.compare:
         paths = write_comparison(results, args.out)

@@ -22,10 +22,10 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from megatron_s2l.config import DataConfig
-from megatron_s2l.data.task import DATA_SOURCE, TaskSpec, task_splits
+from megatron_s2l.data.task import DATA_SOURCE, Problem, TaskSpec, task_splits
 from megatron_s2l.data.tokenizer import PromptTokenizer, render_prompt
 from megatron_s2l.types import Prompt
 
@@ -191,7 +191,7 @@ def _text(value: Any, key: str) -> Any:
     return value
 
 
-def task_prompts(problems, tokenizer: PromptTokenizer, *, template: str) -> list[Prompt]:
+def task_prompts(problems: Iterable[Problem], tokenizer: PromptTokenizer, *, template: str) -> list[Prompt]:
     """Prompts of generated task problems (data.task), template applied."""
     prompts = []
     for p in problems:
