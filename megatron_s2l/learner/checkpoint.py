@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 LATEST = "latest"
+_REFERENCE_PREFIX = "reference."  # the reference model's tensors, next to the policy's under the same names
 
 
 def checkpoint_dir(root: str | Path, step: int) -> Path:
@@ -106,7 +107,8 @@ def load_checkpoint(load_dir: str | Path, learner_or_model_chunks, optimizer=Non
         optimizer.reload_model_params()  # fresh optimizer: its main params follow the loaded weights
     if with_reference:
         for index, chunk in enumerate(reference):
-            chunk.load_state_dict(loaded[f"reference{index}"])
+            state_dict = loaded[f"reference{index}"]
+            chunk.load_state_dict({key.removeprefix(_REFERENCE_PREFIX): value for key, value in state_dict.items()})
     elif reference is not None:
         learner_or_model_chunks.update_reference()
     _set_rng_states(common["rng"])
@@ -131,13 +133,16 @@ def _sharded_state_dict(chunks, optimizer, reference, *, is_loading: bool) -> di
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=is_loading)
     for index, chunk in enumerate(reference or []):
-        sharded[f"reference{index}"] = chunk.sharded_state_dict(prefix="reference.")
+        sharded[f"reference{index}"] = chunk.sharded_state_dict(prefix=_REFERENCE_PREFIX)
     return sharded
 
 
 def _rng_states() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """Rank 0's RNG states, on every rank (common state must agree across ranks)."""
+    states = [{"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}]
+    dist.broadcast_object_list(states, src=0)
+    return states[0]
 
 
 def _set_rng_states(states: dict) -> None:

@@ -142,9 +142,10 @@ class Learner:
         Every rank passes the same full batch. Returns the loss (nan if the step was skipped).
         """
         rows = torch.arange(tokens.shape[0])
-        batch = TrainBatch(tokens=tokens, response_mask=loss_mask.bool(), behaviour_logprobs=loss_mask.float(),
-                           is_explorer=torch.zeros(len(rows), dtype=torch.bool), group_index=rows,
-                           rewards=torch.zeros(len(rows)))
+        # each sequence is its own group, so DP shards are balanced by sequences
+        batch = TrainBatch(tokens=tokens, response_mask=loss_mask.bool(), group_index=rows,
+                           behaviour_logprobs=torch.zeros(loss_mask.shape),  # [B, L-1] unused by the CE loss
+                           is_explorer=torch.zeros(len(rows), dtype=torch.bool), rewards=torch.zeros(len(rows)))
         metrics = self._step_on(batch, self._cross_entropy_output)
         return math.nan if metrics is None else metrics["loss"]
 
@@ -177,7 +178,7 @@ class Learner:
         # fp32 optimizers never check for inf/nan: look at the loss and the reduced gradient buffers here
         local_ok = math.isfinite(metrics["loss"]) and all(
             bool(torch.isfinite(buffer.grad_data).all()) for chunk in self.ddp_chunks for buffer in chunk.buffers)
-        ok = torch.tensor([float(local_ok)])
+        ok = torch.tensor([float(local_ok)], device=self.device)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if not ok.item():
             for chunk in self.ddp_chunks:
@@ -194,11 +195,12 @@ class Learner:
 
     def _token_logprobs(self, micro: MicroBatch, logits: torch.Tensor, with_entropy: bool = False):
         """Log-probs (and entropy) [m, T] of the micro-batch targets from vocab-parallel `logits` [m, T, V/TP]."""
-        vocab_start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
-        return vocab_parallel_logprobs(logits, micro["targets"], group=parallel_state.get_tensor_model_parallel_group(),
-                                       vocab_start=vocab_start, with_entropy=with_entropy)
+        vocab_start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]  # equal shards
+        return vocab_parallel_logprobs(logits, micro["targets"], vocab_start=vocab_start, with_entropy=with_entropy,
+                                       group=parallel_state.get_tensor_model_parallel_group())
 
     def _logprob_output(self, micro: MicroBatch, logits: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
+        # forward-only schedules call this with non_loss_data=True and store what it returns
         logprobs, _ = self._token_logprobs(micro, logits)  # [m, T]
         return logprobs
 
@@ -220,7 +222,8 @@ class Learner:
 
     # -- plumbing ---------------------------------------------------------------------------------------
 
-    def _micro_batches(self, tokens: torch.Tensor, mask: torch.Tensor, extras: dict[str, torch.Tensor]) -> list[MicroBatch]:
+    def _micro_batches(self, tokens: torch.Tensor, mask: torch.Tensor,
+                       extras: dict[str, torch.Tensor]) -> list[MicroBatch]:
         """Split rows into micro-batches, each trimmed to its last masked position (at least one token)."""
         micro = []
         for start in range(0, tokens.shape[0], self.optim.micro_batch_size):

@@ -1,0 +1,290 @@
+"""The Megatron-Core learner at TP=2, PP=2, TP2xPP2 and DP=2 against a single-process reference.
+
+The reference is computed independently in one process from the TP=1 model: plain `log_softmax` on
+full-vocabulary logits, `grpo_loss` on each whole mini-batch at once, `clip_grad_norm_` and
+`torch.optim.AdamW`. It also writes the model as a model-only checkpoint, which every layout loads (so
+the weights are identical, resharded by dist_checkpointing). One spawn per layout checks log-probs,
+reference log-probs, the first step's loss, entropy, KL, gradient norm and every gradient shard, and
+the five-call training curve (ten optimizer steps: five groups, two per mini-batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_s2l.config import FP8Config, LossConfig, ModelConfig, OptimConfig, ParallelConfig
+from megatron_s2l.types import TrainBatch
+from tests.multiprocess import run_ranks
+
+MODEL = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=2, num_query_groups=2,
+                    kv_channels=32, vocab_size=96, max_position_embeddings=64)
+OPTIM = OptimConfig(lr=1e-2, clip_grad=1.0, mini_batch_prompts=2, micro_batch_size=3)
+LOSS = LossConfig(kl_coef=0.05, kl_type="k3", entropy_coef=0.01)
+GROUP_SIZES = (2, 3, 2, 1, 2)  # 5 groups: mini-batches of 2, 2, 1 groups; at DP=2 one rank gets no group
+CALLS = 5
+SEED = 7
+TIMEOUT = 240
+
+
+def make_batch() -> TrainBatch:
+    """10 sequences of length 14: prompts of 3-5 tokens, responses of 2-9 tokens, then padding."""
+    g = torch.Generator().manual_seed(0)
+    rows, length = sum(GROUP_SIZES), 14
+    tokens = torch.randint(3, MODEL.vocab_size, (rows, length), generator=g)  # [B, L]
+    mask = torch.zeros(rows, length - 1, dtype=torch.bool)  # [B, L-1]
+    for row in range(rows):
+        prompt = 3 + row % 3
+        response = 2 + (row * 5) % 8
+        mask[row, prompt - 1:prompt - 1 + response] = True
+        tokens[row, prompt + response:] = 2  # pad
+    group_index = torch.repeat_interleave(torch.arange(len(GROUP_SIZES)), torch.tensor(GROUP_SIZES))  # [B]
+    return TrainBatch(tokens=tokens, response_mask=mask,
+                      behaviour_logprobs=-torch.rand(rows, length - 1, generator=g) * mask,
+                      is_explorer=torch.arange(rows) % 3 == 0, group_index=group_index,
+                      rewards=torch.zeros(rows), advantages=torch.randn(rows, generator=g))
+
+
+def mini_batch_rows(batch: TrainBatch) -> list[torch.Tensor]:
+    """Row indices of each mini-batch (whole groups, `OPTIM.mini_batch_prompts` at a time)."""
+    groups = batch.group_index.unique()
+    return [torch.isin(batch.group_index, groups[i:i + OPTIM.mini_batch_prompts]).nonzero().flatten()
+            for i in range(0, len(groups), OPTIM.mini_batch_prompts)]
+
+
+def scored(batch: TrainBatch) -> torch.Tensor:
+    """[B, L-1] positions up to each row's last response target (what the Learner always computes)."""
+    last = torch.where(batch.response_mask, torch.arange(batch.response_mask.shape[1]), -1).max(1).values  # [B]
+    return torch.arange(batch.response_mask.shape[1]) <= last[:, None]
+
+
+def full_logprobs(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch on the TP=1 model: log-probs and entropy [B, L-1] from full-vocabulary logits."""
+    inputs = tokens[:, :-1]  # [B, L-1]
+    logits = model(inputs, torch.arange(inputs.shape[1]).expand_as(inputs), None).float()  # [B, L-1, V]
+    log_softmax = torch.log_softmax(logits, dim=-1)  # [B, L-1, V]
+    logprobs = log_softmax.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, L-1]
+    return logprobs, -(log_softmax.exp() * log_softmax).sum(-1)
+
+
+def sharded_grads(module) -> list[tuple[str, tuple, torch.Tensor]]:
+    """(key, global slice, gradient piece) of every sharded parameter of a megatron module."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    pieces = []
+    for item in nested_values(module.sharded_state_dict()):
+        if not isinstance(item, (ShardedTensor, ShardedTensorFactory)) or not isinstance(item.data, torch.nn.Parameter):
+            continue
+        grad = getattr(item.data, "main_grad", None)
+        grad = item.data.grad if grad is None else grad
+        built = dataclasses.replace(item, data=grad.detach().clone())
+        for tensor in nested_values(built.build()) if isinstance(built, ShardedTensorFactory) else [built]:
+            pieces.append((tensor.key, tensor.global_slice(), tensor.data))
+    return pieces
+
+
+def allow_child_processes() -> None:
+    """dist_checkpointing writes through forked writer processes, which a daemonic rank cannot start;
+    run_ranks starts daemonic ranks (and kills them itself on timeout), so lift the flag in the rank."""
+    import multiprocessing
+
+    multiprocessing.current_process().daemon = False
+
+
+def by_value(obj):
+    """Tensors as numpy arrays, recursively: torch's queue shares tensors through the sending process,
+    which has exited by the time run_ranks reads its result."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().numpy()
+    if isinstance(obj, dict):
+        return {k: by_value(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(by_value(v) for v in obj)
+    return obj
+
+
+def as_tensors(obj):
+    """The inverse of `by_value`."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    if isinstance(obj, dict):
+        return {k: as_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(as_tensors(v) for v in obj)
+    return obj
+
+
+def _reference(rank, world_size, checkpoint_dir):
+    """One process, TP=1: plain-torch reference values, the model-only checkpoint, and the TP=1 Learner."""
+    allow_child_processes()
+    from megatron_s2l.algo.loss import grpo_loss
+    from megatron_s2l.learner.checkpoint import save_checkpoint
+    from megatron_s2l.learner.model import build_model, init_parallel, transformer_config
+
+    init_parallel(ParallelConfig(), SEED)
+    model = build_model(MODEL, transformer_config(MODEL, ParallelConfig()))
+    save_checkpoint(checkpoint_dir, 0, [model])
+    batch = make_batch()
+    with torch.no_grad():
+        old, _ = full_logprobs(model, batch.tokens)
+    max_len = int(batch.response_mask.sum(1).max())
+    adam = torch.optim.AdamW(model.parameters(), lr=OPTIM.lr, betas=(OPTIM.adam_beta1, OPTIM.adam_beta2),
+                             eps=1e-8, weight_decay=0.0)
+    curve, first = [], None
+    for _ in range(CALLS):
+        losses = []
+        for rows in mini_batch_rows(batch):
+            adam.zero_grad()
+            logprobs, entropy = full_logprobs(model, batch.tokens[rows])
+            loss, metrics = grpo_loss(
+                logprobs, old[rows], batch.advantages[rows], batch.response_mask[rows],
+                num_tokens=int(batch.response_mask[rows].sum()), num_sequences=len(rows), max_response_len=max_len,
+                ref_logprobs=old[rows], behaviour_logprobs=batch.behaviour_logprobs[rows], entropy=entropy,
+                is_explorer=batch.is_explorer[rows], **dataclasses.asdict(LOSS))
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM.clip_grad)
+            if first is None:
+                tokens = metrics["tokens"]
+                first = {"loss": loss.item(), "grad_norm": norm.item(), "grads": sharded_grads(model),
+                         "entropy": (metrics["entropy_sum"] / tokens).item(), "kl": (metrics["kl_sum"] / tokens).item()}
+            adam.step()
+            losses.append(loss.item())
+        curve.append(sum(losses) / len(losses))
+    with torch.no_grad():
+        final, _ = full_logprobs(model, batch.tokens)
+    learner_run = _learner_checks(checkpoint_dir, ParallelConfig())
+    return by_value({"old": old, "final": final, "curve": curve, "first": first, "learner": learner_run})
+
+
+def _loaded_learner(checkpoint_dir, parallel: ParallelConfig):
+    from megatron_s2l.learner.checkpoint import load_checkpoint
+    from megatron_s2l.learner.step import Learner
+
+    learner = Learner(MODEL, parallel, OPTIM, LOSS, FP8Config(), seed=SEED, with_reference=True)
+    assert load_checkpoint(checkpoint_dir, learner) == (0, {})  # model-only: fresh optimizer
+    return learner
+
+
+def _learner_checks(checkpoint_dir, parallel: ParallelConfig) -> dict:
+    """Load the reference weights into Learners at `parallel` and run what every layout reports."""
+    batch = make_batch()
+    probe = _loaded_learner(checkpoint_dir, parallel)  # one step on the first mini-batch, for its gradient
+    first = batch.select(mini_batch_rows(batch)[0])
+    first.old_logprobs = first.ref_logprobs = probe.logprobs(first)
+    first_metrics = probe.train(first, max_response_len=int(batch.response_mask.sum(1).max()))
+    grads = sharded_grads(probe.model_chunks[0])
+
+    learner = _loaded_learner(checkpoint_dir, parallel)
+    batch.old_logprobs = learner.logprobs(batch)
+    batch.ref_logprobs = learner.logprobs(batch, reference=True)
+    calls = [learner.train(batch) for _ in range(CALLS)]
+    final = learner.logprobs(batch)
+    poisoned = dataclasses.replace(batch, advantages=torch.full_like(batch.advantages, float("nan")))
+    skipped = learner.train(poisoned)
+    after_skip = learner.logprobs(batch)
+    sft = [learner.sft_step(batch.tokens, batch.response_mask) for _ in range(2)]
+    return {"old": batch.old_logprobs, "ref": batch.ref_logprobs, "first": first_metrics, "grads": grads,
+            "calls": calls, "final": final, "skipped": skipped, "after_skip": after_skip, "sft": sft}
+
+
+def _layout(rank, world_size, checkpoint_dir, tp, pp):
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    return by_value(_learner_checks(checkpoint_dir, parallel))
+
+
+def _data_parallel(rank, world_size, checkpoint_dir):
+    """DP=2 with Adam, then with the distributed optimizer, in one spawn."""
+    return [by_value(_learner_checks(checkpoint_dir, ParallelConfig(use_distributed_optimizer=distributed)))
+            for distributed in (False, True)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    path = tmp_path_factory.mktemp("reference_model")
+    return path, as_tensors(run_ranks(_reference, 1, str(path), timeout=TIMEOUT)[0])
+
+
+def check_layout(ref: dict, runs: list[dict], *, grads: bool = True) -> None:
+    """Compare every rank's results with the single-process reference."""
+    batch = make_batch()
+    where = scored(batch)
+    for run in as_tensors(runs):  # every rank holds the same full tensors and metrics
+        torch.testing.assert_close(run["old"][where], ref["old"][where], rtol=0, atol=2e-5)
+        torch.testing.assert_close(run["ref"][where], ref["old"][where], rtol=0, atol=2e-5)
+        first = run["first"]
+        assert (first["optimizer_steps"], first["skipped_steps"]) == (1, 0)
+        for name in ("loss", "grad_norm", "entropy", "kl"):
+            assert first[name] == pytest.approx(ref["first"][name], rel=1e-4, abs=1e-6), name
+        if grads:
+            for key, index, piece in run["grads"]:
+                expected = _reference_piece(ref["first"]["grads"], key, index, piece.shape)
+                torch.testing.assert_close(piece, expected, rtol=1e-4, atol=1e-6, msg=f"gradient of {key}")
+        assert [(c["optimizer_steps"], c["skipped_steps"]) for c in run["calls"]] == [(3, 0)] * CALLS
+        torch.testing.assert_close(torch.tensor([c["loss"] for c in run["calls"]]), torch.tensor(ref["curve"]),
+                                   rtol=0, atol=5e-5)
+        # after 15 Adam steps at lr 1e-2, fp32 rounding of differently ordered sums grows to ~1e-4
+        torch.testing.assert_close(run["final"][where], ref["final"][where], rtol=2e-4, atol=1e-4)
+        assert (run["skipped"]["skipped_steps"], run["skipped"]["optimizer_steps"]) == (3, 0)
+        assert torch.equal(run["after_skip"], run["final"])  # NaN never reached the weights
+        # sft_step: token-mean cross-entropy of the current weights, then one step lowers it
+        assert run["sft"][0] == pytest.approx(-ref["final"][batch.response_mask].mean().item(), rel=1e-4)
+        assert run["sft"][1] < run["sft"][0]
+    assert ref["curve"][-1] < ref["curve"][0] - 0.05  # the curve moves: the comparison is not vacuous
+
+
+def _reference_piece(pieces, key: str, index: tuple, shape) -> torch.Tensor:
+    """The slice `index` of the reference gradient `key`, assembled from its TP=1 pieces."""
+    matching = [(i, p) for k, i, p in pieces if k == key]
+    global_shape = [0] * len(index)
+    for i, p in matching:
+        for axis, part in enumerate(i):
+            end = part + 1 if isinstance(part, int) else part.stop
+            global_shape[axis] = max(global_shape[axis], end)
+    full = torch.zeros(global_shape)
+    for i, p in matching:
+        full[i] = p
+    return full[index].reshape(shape)
+
+
+@pytest.mark.distributed
+def test_tp1_learner_matches_plain_torch(reference):
+    _, ref = reference
+    check_layout(ref, [ref["learner"]])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_two_way_model_parallel_matches_reference(reference, tp, pp):
+    path, ref = reference
+    check_layout(ref, run_ranks(_layout, 2, str(path), tp, pp, timeout=TIMEOUT))
+
+
+@pytest.mark.distributed
+def test_tp2_pp2_matches_reference(reference):
+    path, ref = reference
+    check_layout(ref, run_ranks(_layout, 4, str(path), 2, 2, timeout=TIMEOUT))
+
+
+@pytest.mark.distributed
+def test_data_parallel_matches_reference(reference):
+    """DP=2: the third mini-batch has one group, so one rank runs a fully masked micro-batch."""
+    path, ref = reference
+    adam, distributed_adam = zip(*run_ranks(_data_parallel, 2, str(path), timeout=TIMEOUT))
+    check_layout(ref, adam)
+    # the distributed optimizer reduce-scatters: each rank's buffer holds only its shard of the gradient
+    check_layout(ref, distributed_adam, grads=False)
+
+
+def test_fp8_without_transformer_engine_fails_at_start_up():
+    """FP8 needs TE layers and TE itself; both are refused before any process group exists."""
+    from megatron_s2l.learner.step import Learner
+
+    with pytest.raises(ValueError, match="learner.layer_spec='te'"):
+        Learner(MODEL, ParallelConfig(), OPTIM, LOSS, FP8Config(enabled=True), seed=SEED, with_reference=False)
+    te_model = dataclasses.replace(MODEL, layer_spec="te")
+    with pytest.raises(RuntimeError, match="needs Transformer Engine"):
+        Learner(te_model, ParallelConfig(), OPTIM, LOSS, FP8Config(enabled=True), seed=SEED, with_reference=False)
