@@ -43,6 +43,9 @@ def hf_to_megatron(hf_dir: str | Path, save_dir: str | Path, parallel: ParallelC
     """
     hf_dir = Path(hf_dir)
     cfg = dataclasses.replace(model_config_from_hf(hf_dir), layer_spec=layer_spec)
+    if latest_step(save_dir) is not None:
+        raise ValueError(f"--save-dir {save_dir} already holds a checkpoint (step {latest_step(save_dir)}); "
+                         f"choose a new directory")
     model = _build(cfg, parallel)
     load_hf_weights([model], cfg, read_hf_state(hf_dir), progress=dist.get_rank() == 0)
     state = {"model_config": dataclasses.asdict(cfg), "hf_config": _read_json(hf_dir / "config.json"),
@@ -57,15 +60,17 @@ def megatron_to_hf(load_dir: str | Path, out_dir: str | Path, parallel: Parallel
     """Write the latest checkpoint under `load_dir` as an HF model directory `out_dir` (collective).
 
     The architecture comes from the checkpoint's state (checkpoints written by `hf_to_megatron`) or,
-    for training checkpoints, from `hf_config_path` (the config.json of the model it started from).
+    for training checkpoints, from `hf_config_path` (the config.json of the model it started from);
+    the layer spec from `layer_spec`, else the one recorded in the checkpoint, else "local".
     `dtype` defaults to the original config.json's (float32 when unknown), so a bf16 model converted
     there and back is bit-identical. Tokenizer files (and generation_config.json when the checkpoint
     has none) are copied from `tokenizer_dir` if given.
     """
     state = _saved_state(load_dir)
     cfg, original = _architecture(state, hf_config_path, load_dir)
-    if layer_spec is not None:
-        cfg = dataclasses.replace(cfg, layer_spec=layer_spec)
+    recorded_spec = state.get("model_config", {}).get("layer_spec", "local")
+    cfg = dataclasses.replace(cfg, layer_spec=layer_spec or recorded_spec)
+    tokenizer_files = _tokenizer_files(Path(tokenizer_dir)) if tokenizer_dir is not None else []
     dtype = dtype or DTYPES.get(original.get("dtype") or original.get("torch_dtype"), torch.float32)
     model = _build(cfg, parallel)
     load_checkpoint(load_dir, [model])
@@ -76,8 +81,9 @@ def megatron_to_hf(load_dir: str | Path, out_dir: str | Path, parallel: Parallel
     save_hf_dir([model], cfg, out_dir, family=original.get("model_type"), extra_config=token_ids,
                 generation_config=generation, dtype=dtype, max_shard_bytes=max_shard_bytes,
                 progress=dist.get_rank() == 0)
-    if tokenizer_dir is not None and dist.get_rank() == 0:
-        _copy_tokenizer(Path(tokenizer_dir), Path(out_dir))
+    if dist.get_rank() == 0:
+        for file in tokenizer_files:
+            shutil.copyfile(file, Path(out_dir) / file.name)
     return Path(out_dir)
 
 
@@ -113,13 +119,13 @@ def _architecture(state: Mapping, hf_config_path, load_dir) -> tuple[ModelConfig
                      f"started from")
 
 
-def _copy_tokenizer(tokenizer_dir: Path, out_dir: Path) -> None:
-    copied = [name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
-    if not copied:
+def _tokenizer_files(tokenizer_dir: Path) -> list[Path]:
+    """The tokenizer files to copy, checked before any conversion work starts."""
+    files = [tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
+    if not files:
         raise ValueError(f"--tokenizer-dir {tokenizer_dir}: none of {list(TOKENIZER_FILES)} found; pass the "
                          f"directory of the original HF model (or of its tokenizer)")
-    for name in copied:
-        shutil.copyfile(tokenizer_dir / name, out_dir / name)
+    return files
 
 
 def _read_json(path: Path) -> dict | None:

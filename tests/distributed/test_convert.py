@@ -126,10 +126,16 @@ def test_cli_refusals_name_the_fix(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
-def test_megatron_to_hf_refuses_a_directory_without_checkpoint(tmp_path, capsys):
+def test_refusals_of_checkpoint_directories(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _tool(TO_HF).main(["--load-dir", str(tmp_path), "--save-dir", str(tmp_path / "out")])
     assert "no checkpoint (no 'latest' file)" in capsys.readouterr().err
+    (tmp_path / "latest").write_text("3\n")
+    src = write_tiny_model(tmp_path / "src", num_layers=1)
+    with pytest.raises(SystemExit):
+        _tool(TO_MEGATRON).main(["--hf-dir", str(src), "--save-dir", str(tmp_path)])
+    assert f"--save-dir {tmp_path} already holds a checkpoint (step 3); choose a new directory" in \
+        capsys.readouterr().err
 
 
 def _learner_checkpoint_to_hf(rank, world_size, root):
