@@ -457,22 +457,22 @@ class _SafetensorsState(Mapping):
                             raise ValueError(f"{self.path}: tensor {name} is in both {self._files[name].name} "
                                              f"and {file.name}; remove the stray file")
                         self._files[name] = file
-        self._handles = {}
 
-    def _handle(self, name: str):
+    def _open(self, name: str):
+        # Opened per access: a handle kept open would keep every page it touched mapped (resident).
         file = self._files[name]
-        if file not in self._handles:
-            if not file.is_file():
-                raise ValueError(f"{self.path / INDEX} maps {name} to {file.name}, which does not exist")
-            self._handles[file] = safe_open(file, framework="pt")
-        return self._handles[file]
+        if not file.is_file():
+            raise ValueError(f"{self.path / INDEX} maps {name} to {file.name}, which does not exist")
+        return safe_open(file, framework="pt")
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        with self._open(name) as handle:
+            return handle.get_tensor(name)
 
     def shape(self, name: str) -> list[int]:
         """The shape of tensor `name`, read from the file header without loading the tensor."""
-        return self._handle(name).get_slice(name).get_shape()
+        with self._open(name) as handle:
+            return handle.get_slice(name).get_shape()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
