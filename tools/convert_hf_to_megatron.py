@@ -30,10 +30,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the written checkpoint")
     parser.add_argument("--layer-spec", choices=typing.get_args(LayerSpec), default="local",
                         help="parameter names of the local or Transformer Engine layer spec")
-    parser.add_argument("--backend", choices=["native", "bridge"], default="native")
+    parser.add_argument("--backend", choices=["native", "bridge"], default="native",
+                        help="native: megatron-s2l's Qwen3/Llama mapping; bridge: Megatron-Bridge's AutoBridge "
+                             "(GPU clusters, Bridge's own checkpoint layout)")
     args = parser.parse_args(argv)
     try:
         if args.backend == "bridge":
+            if (args.tp, args.pp) != (1, 1):
+                raise ValueError("--backend bridge writes Megatron-Bridge's own unsharded layout (distributed "
+                                 "checkpoints reshard on load): drop --tp/--pp")
             convert.bridge_hf_to_megatron(args.hf_dir, args.save_dir)
             return
         parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)

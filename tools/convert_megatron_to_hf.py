@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(convert.DTYPES),
                         help="dtype of the written tensors (default: the original model's, else float32)")
     parser.add_argument("--max-shard-size-mb", type=float, default=5000, help="largest safetensors file")
-    parser.add_argument("--backend", choices=["native", "bridge"], default="native")
+    parser.add_argument("--backend", choices=["native", "bridge"], default="native",
+                        help="native: megatron-s2l's Qwen3/Llama mapping; bridge: Megatron-Bridge's AutoBridge "
+                             "(GPU clusters, Bridge's own checkpoint layout)")
     args = parser.parse_args(argv)
     try:
         if args.backend == "bridge":
