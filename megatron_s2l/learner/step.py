@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_s2l.algo.logprobs import vocab_parallel_logprobs
 from megatron_s2l.algo.loss import accumulate_metrics, all_reduce_metrics, finalize_metrics, grpo_loss
 from megatron_s2l.config import FP8Config, LossConfig, ModelConfig, OptimConfig, ParallelConfig
+from megatron_s2l.learner.hf_weights import load_hf_weights
 from megatron_s2l.learner.model import build_model, init_parallel, transformer_config
 from megatron_s2l.types import TrainBatch
 
@@ -46,7 +47,7 @@ class Learner:
         # Built before any process group so that an impossible FP8/TE request fails at once.
         self.config = transformer_config(model, parallel, fp8)
         init_parallel(parallel, seed)
-        self.optim, self.loss_kwargs = optim, dataclasses.asdict(loss)
+        self.model, self.optim, self.loss_kwargs = model, optim, dataclasses.asdict(loss)
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.variable_seq_lengths = True  # micro-batches are trimmed to their own length (PP p2p)
         self.device = torch.device(torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -70,6 +71,13 @@ class Learner:
             reference = build_model(model, self.config)
             reference.requires_grad_(False)
             self.reference_chunks = [reference]
+            self.update_reference()
+
+    def load_hf(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Start from HF weights (`state`: HF names -> full tensors): policy, optimizer copies and reference."""
+        load_hf_weights(self.model_chunks, self.model, state)
+        self.optimizer.reload_model_params()  # main (fp32) copies of bf16 params were taken at construction
+        if self.reference_chunks:
             self.update_reference()
 
     def update_reference(self) -> None:

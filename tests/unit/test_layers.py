@@ -17,6 +17,7 @@ ALLOWED = {
     "data": {"config", "types", "algo"},
     "evaluation": {"config", "types", "algo", "data", "rollout"},
     "loop": {"config", "types", "algo", "learner", "rollout", "data", "evaluation"},
+    "demo": {"config", "types", "algo", "learner", "rollout", "data", "evaluation", "loop"},
     "launch": {"config"},
 }
 THIRD_PARTY_FORBIDDEN = {"algo": {"megatron", "vllm", "transformers"}, "learner": {"vllm"},

@@ -1,0 +1,162 @@
+"""The CPU demo's model family: a tokenizer and two Qwen3-style sizes pretrained on the synthetic task.
+
+No model hub: `build_family` trains a sentencepiece tokenizer on the task's text, pretrains a small
+explorer and a larger learner with Megatron-Core (token-mean cross-entropy on worked solutions), writes
+both as HF directories that vLLM serves, and measures their pass@k curves on the held-out split (the
+paper's premise: the smaller sibling catches up as k grows). The result is cached under a directory
+named by the family's settings, so later runs reuse it; `prepare_demo` points a config at it.
+
+Run alone with `python -m megatron_s2l.demo [--out DIR]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megatron_s2l.config import DataConfig, FP8Config, LossConfig, ModelConfig, OptimConfig, ParallelConfig, S2LConfig
+from megatron_s2l.data.task import TaskSpec, pretraining_examples, task_splits
+from megatron_s2l.data.tokenizer import render_prompt, train_tokenizer
+from megatron_s2l.learner.hf_weights import save_hf_dir
+from megatron_s2l.learner.step import Learner
+
+FAMILY_ROOT = Path("runs/demo_family")
+DONE = "family.json"
+
+
+def _size(layers: int, hidden: int, heads: int, groups: int) -> ModelConfig:
+    return ModelConfig(num_layers=layers, hidden_size=hidden, ffn_hidden_size=3 * hidden, num_attention_heads=heads,
+                       num_query_groups=groups, kv_channels=32, vocab_size=512, max_position_embeddings=256)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One size of the family and how long it is pretrained."""
+
+    model: ModelConfig
+    steps: int
+    lr: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything that defines the demo family; its hash names the cache directory."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    explorer: Member = field(default_factory=lambda: Member(_size(2, 128, 4, 2), steps=400, lr=2e-3, seed=1))
+    learner: Member = field(default_factory=lambda: Member(_size(4, 256, 8, 4), steps=400, lr=1e-3, seed=2))
+    batch_size: int = 32
+    passk_samples: int = 32  # samples per held-out problem for the pass@k curves
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def family_dir(spec: FamilySpec, root: Path = FAMILY_ROOT) -> Path:
+    return root / spec.key()
+
+
+def build_family(spec: FamilySpec, out: Path) -> Path:
+    """Build the tokenizer and both models into `out` (single process); returns `out`."""
+    started = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    train, _ = task_splits(spec.data.task_num_train, spec.data.task_num_eval, _task_spec(spec.data), seed=spec.data.seed)
+    tokenizer = train_tokenizer((p.question + " " + p.solution for p in train), vocab_size=spec.learner.model.vocab_size)
+    examples = pretraining_examples(
+        train, tokenizer, lambda q: render_prompt([{"role": "user", "content": q}], spec.data.prompt_template, tokenizer))
+    losses = {}
+    for name, member in (("explorer", spec.explorer), ("learner", spec.learner)):
+        learner, losses[name] = pretrain(member, examples, spec.batch_size, tokenizer.pad_id, desc=f"pretrain {name}")
+        save_hf_dir(learner.model_chunks, member.model, out / name)
+        tokenizer.save(out / name)
+    summary = {"spec": dataclasses.asdict(spec), "final_loss": losses, "seconds": round(time.time() - started, 1)}
+    (out / DONE).write_text(json.dumps(summary, indent=2))
+    return out
+
+
+def pretrain(member: Member, examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
+             desc: str) -> tuple[Learner, float]:
+    """Supervised pretraining on (prompt, completion) pairs, loss on the completions; returns the last loss."""
+    optim = OptimConfig(lr=member.lr, min_lr=member.lr / 10, lr_warmup_steps=member.steps // 10,
+                        lr_decay_steps=member.steps, lr_decay_style="cosine", weight_decay=0.01)
+    learner = Learner(member.model, ParallelConfig(), optim, LossConfig(kl_coef=0.0), FP8Config(), seed=member.seed,
+                      with_reference=False)
+    rng = random.Random(member.seed)
+    bar = tqdm(range(member.steps), desc=desc)
+    loss = float("nan")
+    for _ in bar:
+        tokens, mask = collate(rng.sample(examples, batch_size), pad_id)
+        loss = learner.sft_step(tokens, mask)
+        bar.set_postfix(loss=f"{loss:.3f}")
+    return learner, loss
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded tokens [B, L] and the next-token loss mask [B, L-1] over each completion."""
+    length = max(len(p) + len(c) for p, c in examples)
+    tokens = torch.full((len(examples), length), pad_id, dtype=torch.long)  # [B, L]
+    mask = torch.zeros(len(examples), length - 1, dtype=torch.bool)  # [B, L-1]
+    for row, (prompt, completion) in enumerate(examples):
+        tokens[row, :len(prompt) + len(completion)] = torch.tensor(prompt + completion)
+        mask[row, len(prompt) - 1:len(prompt) + len(completion) - 1] = True
+    return tokens, mask
+
+
+def _task_spec(data: DataConfig) -> TaskSpec:
+    return TaskSpec(modulus=data.task_modulus, min_ops=data.task_min_ops, max_ops=data.task_max_ops,
+                    mul_max=data.task_mul_max)
+
+
+def prepare_demo(cfg: S2LConfig, spec: FamilySpec | None = None, timeout_s: float = 3600) -> S2LConfig:
+    """`cfg` with the learner and explorer pointed at the cached demo family, built first if missing.
+
+    Under torchrun the first rank builds it in a clean single-process child (Megatron's groups of the
+    training job are not set up yet) while the others wait for it.
+    """
+    spec = spec or FamilySpec(data=cfg.data)
+    out = family_dir(spec)
+    if not (out / DONE).exists():
+        if int(os.environ.get("RANK", "0")) == 0:
+            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+            subprocess.run([sys.executable, "-m", "megatron_s2l.demo", "--out", str(out)], check=True, env=env)
+        else:
+            _wait_for(out / DONE, timeout_s)
+    return dataclasses.replace(
+        cfg,
+        learner=dataclasses.replace(cfg.learner, hf_path=str(out / "learner")),
+        explorer=dataclasses.replace(cfg.explorer, hf_path=str(out / "explorer")),
+    )
+
+
+def _wait_for(path: Path, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while not path.exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout_s} s: did the first rank fail to build the "
+                               f"demo family? Build it alone with `python -m megatron_s2l.demo`")
+        time.sleep(2)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Build the CPU demo's model family")
+    parser.add_argument("--out", type=Path, help="output directory (default: runs/demo_family/<settings hash>)")
+    args = parser.parse_args(argv)
+    spec = FamilySpec()
+    print(build_family(spec, args.out or family_dir(spec)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""The S2L-PO training loop: rollout -> rewards -> advantages -> old/ref log-probs -> PPO -> refit -> save.
+
+`train(cfg)` is the whole product on any layout (one CPU process, torchrun on CPU, multi-node GPU). It reads
+top to bottom; the pieces it calls are the rollout hook (`rollout/phase.py`), the learner
+(`learner/step.py`), the math (`algo/`) and checkpoints (`learner/checkpoint.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron_s2l.algo.advantages import dynamic_sampling_mask, group_advantages, source_means
+from megatron_s2l.algo.rewards import MathScorer
+from megatron_s2l.config import S2LConfig
+from megatron_s2l.data.prompts import PromptStream, prompts_from_config
+from megatron_s2l.data.tokenizer import PromptTokenizer, load_tokenizer
+from megatron_s2l.evaluation.passk_eval import evaluate_prompts, passk_summary
+from megatron_s2l.learner.checkpoint import load_checkpoint, save_checkpoint
+from megatron_s2l.learner.hf_weights import export_hf_weights, model_config_from_hf, read_hf_state
+from megatron_s2l.learner.step import Learner
+from megatron_s2l.rollout.checks import check_tokenizers_agree
+from megatron_s2l.rollout.explorer_cache import ExplorerCache
+from megatron_s2l.rollout.mixer import S2LMixer
+from megatron_s2l.rollout.phase import RolloutHook, RolloutPhase
+from megatron_s2l.rollout.refit import Refitter
+from megatron_s2l.rollout.vllm_engine import VLLMEngine
+from megatron_s2l.types import Prompt, TrainBatch
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves behind: the per-step metrics (also in TensorBoard) and the last step trained."""
+
+    last_step: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def train(cfg: S2LConfig, rollout: RolloutHook | None = None) -> TrainResult:
+    """Run S2L-PO per `cfg`; `rollout` replaces the default rollout phase (online/offline explorer + vLLM learner)."""
+    cfg = resolve_models(cfg).validate()
+    tokenizer = load_tokenizer(cfg.learner.hf_path)
+    learner = Learner(cfg.learner, cfg.parallel, cfg.optim, cfg.loss, cfg.fp8, seed=cfg.seed,
+                      with_reference=cfg.loss.kl_coef > 0)
+    learner.load_hf(read_hf_state(cfg.learner.hf_path))
+    stream = PromptStream(prompts_from_config(cfg.data, tokenizer, "train").prompts, seed=cfg.data.seed)
+    start = _resume(cfg, learner, stream)
+    rollout = rollout or build_rollout_phase(cfg, tokenizer)
+    if start > 1:  # the engine was started from the initial weights
+        rollout.sync_weights(export_hf_weights(learner.model_chunks, cfg.learner))
+    held_out = prompts_from_config(cfg.data, tokenizer, "eval").prompts if cfg.logging.eval_interval else []
+    writer = _tensorboard(cfg)
+    result = TrainResult(last_step=start - 1)
+    bar = tqdm(range(start, cfg.train_steps + 1), desc="S2L-PO", initial=start - 1, total=cfg.train_steps,
+               disable=not _is_first_rank())
+    for step in bar:
+        metrics = train_step(cfg, step, stream.next_batch(cfg.prompts_per_step), rollout, learner, tokenizer.pad_id)
+        if held_out and step % cfg.logging.eval_interval == 0:
+            metrics.update(evaluate_learner(cfg, rollout, held_out, tokenizer, step))
+        result.history.append(metrics)
+        result.last_step = step
+        if step % cfg.logging.log_interval == 0:
+            _log(writer, step, metrics)
+        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", explorer=f"{metrics['schedule/explorer_share']:.2f}",
+                        kl=f"{metrics.get('train/kl', 0.0):.4f}")
+        if _should_save(cfg, step):
+            save_checkpoint(cfg.checkpoint.save_dir, step, learner, state={"prompts": stream.state_dict()})
+    if writer:
+        writer.close()
+    return result
+
+
+def train_step(cfg: S2LConfig, step: int, prompts: list[Prompt], rollout: RolloutHook, learner: Learner,
+               pad_id: int) -> dict:
+    """One S2L-PO iteration: per phase, rollout -> advantages -> old/ref log-probs -> PPO -> refit.
+
+    Combined groups make one phase; separate groups an explorer phase then a learner phase (rolled out
+    after the first update), whose metrics are prefixed with the phase's source.
+    """
+    metrics: dict[str, float] = {"schedule/explorer_share": rollout_share(rollout, step)}
+    for sources in rollout.phases(step):
+        timer = _Timer()
+        groups = rollout.rollout(step, prompts, sources)
+        phase = {"time/rollout": timer.lap(), "rollout/tokens": float(sum(len(s.response_ids) for g in groups
+                                                                          for s in g.samples))}
+        phase["rollout/tokens_per_s"] = phase["rollout/tokens"] / max(phase["time/rollout"], 1e-9)
+        batch = TrainBatch.from_groups(groups, pad_id=pad_id)
+        batch, advantage_metrics = with_advantages(batch, cfg)
+        phase.update(advantage_metrics)
+        if batch.size:
+            batch.old_logprobs = learner.logprobs(batch)
+            if cfg.loss.kl_coef > 0:
+                batch.ref_logprobs = learner.logprobs(batch, reference=True)
+            phase["time/logprobs"] = timer.lap()
+            phase.update({f"train/{k}": v for k, v in
+                          learner.train(batch, max_response_len=cfg.learner_sampling.max_new_tokens).items()})
+            phase["time/train"] = timer.lap()
+            if phase["train/optimizer_steps"]:
+                rollout.sync_weights(export_hf_weights(learner.model_chunks, cfg.learner))
+            phase["time/refit"] = timer.lap()
+        prefix = "" if len(sources) > 1 or len(rollout.phases(step)) == 1 else f"{sources[0]}_phase/"
+        metrics.update({prefix + k: float(v) for k, v in phase.items()})
+    if "reward/mean" not in metrics:  # separate mode: the step's reward over both phases
+        metrics["reward/mean"] = sum(metrics.get(f"{s}_phase/reward/mean", 0.0) for s in ("explorer", "learner")) / \
+            max(1, sum(f"{s}_phase/reward/mean" in metrics for s in ("explorer", "learner")))
+    return metrics
+
+
+def with_advantages(batch: TrainBatch, cfg: S2LConfig) -> tuple[TrainBatch, dict[str, float]]:
+    """Group-relative advantages; with DAPO dynamic sampling, groups of equal rewards are dropped."""
+    result = group_advantages(batch.rewards, batch.group_index, norm=cfg.advantage.norm, eps=cfg.advantage.eps)
+    batch.advantages = result.advantages  # [B]
+    metrics = {"reward/mean": float(batch.rewards.mean()), "advantage/zero_variance_groups": result.zero_variance_groups}
+    metrics.update({f"reward/{k}": float(v) for k, v in source_means(batch.rewards, batch.is_explorer).items()})
+    metrics.update({f"advantage/{k}": float(v) for k, v in source_means(batch.advantages, batch.is_explorer).items()})
+    if cfg.advantage.dynamic_sampling:
+        keep = dynamic_sampling_mask(batch.rewards, batch.group_index)  # [B]
+        metrics["advantage/dropped_samples"] = int((~keep).sum())
+        batch = batch.select(keep)
+    return batch, metrics
+
+
+def resolve_models(cfg: S2LConfig) -> S2LConfig:
+    """`cfg` with the learner's architecture read from its HF directory (the one source of truth)."""
+    if cfg.learner.hf_path is None:
+        raise ValueError("learner.hf_path is empty: set it to the learner's local HF directory (convert a Megatron "
+                         "checkpoint with tools/convert_megatron_to_hf.py), or run the demo without --config")
+    learner = dataclasses.replace(model_config_from_hf(cfg.learner.hf_path), layer_spec=cfg.learner.layer_spec,
+                                  hf_path=cfg.learner.hf_path)
+    return dataclasses.replace(cfg, learner=learner)
+
+
+def build_rollout_phase(cfg: S2LConfig, tokenizer: PromptTokenizer) -> RolloutPhase:
+    """The default hook: the learner's vLLM engine (refit after every update) and the explorer, online or cached."""
+    learner_engine = VLLMEngine(cfg.learner.hf_path, cfg.learner_engine, source="learner", model_id="learner",
+                                eos_token_id=tokenizer.eos_id)
+    explorer = None
+    if cfg.explorer.source == "online":
+        check_tokenizers_agree(cfg.explorer.hf_path, cfg.learner.hf_path)
+        explorer = VLLMEngine(cfg.explorer.hf_path, cfg.explorer.engine, source="explorer",
+                              model_id=cfg.explorer.model_id, eos_token_id=tokenizer.eos_id)
+    elif cfg.explorer.source == "offline":
+        explorer = ExplorerCache(cfg.explorer.cache_path, seed=cfg.seed)
+    scorer = MathScorer()
+
+    def reward_fn(prompt: Prompt, response_ids: list[int]) -> float:
+        return scorer.score([tokenizer.decode(response_ids)], [prompt.ground_truth]).scores[0]
+
+    mixer = S2LMixer(cfg.schedule, explorer=explorer, learner=learner_engine, explorer_sampling=cfg.explorer.sampling,
+                     learner_sampling=cfg.learner_sampling, reward_fn=reward_fn, seed=cfg.seed)
+    return RolloutPhase(mixer, Refitter(learner_engine), engine_tp=cfg.learner_engine.tensor_parallel_size)
+
+
+def evaluate_learner(cfg: S2LConfig, rollout: RolloutHook, prompts: list[Prompt], tokenizer: PromptTokenizer,
+                     step: int) -> dict[str, float]:
+    """pass@1..k of the learner's engine on the held-out prompts (`logging.eval_*`)."""
+    engine = rollout.mixer.engines["learner"]
+    if cfg.logging.eval_max_problems:
+        prompts = prompts[:cfg.logging.eval_max_problems]
+    k = cfg.logging.eval_samples
+    results = evaluate_prompts(engine, prompts, k=k, sampling=cfg.learner_sampling, decode=tokenizer.decode,
+                               scorer=MathScorer(), seed=cfg.seed + step)
+    summary = passk_summary(results, k)
+    return {f"eval/pass@{j}": v for j, v in summary["pass@k"].items()} | {"eval/mean_reward": summary["mean_reward"]}
+
+
+def rollout_share(rollout: RolloutHook, step: int) -> float:
+    """The explorer's share of the step's rollouts (0 for hooks without a mixer)."""
+    mixer = getattr(rollout, "mixer", None)
+    return mixer.explorer_share(step) if mixer is not None else 0.0
+
+
+def _resume(cfg: S2LConfig, learner: Learner, stream: PromptStream) -> int:
+    """Load the latest complete checkpoint under `checkpoint.load_dir`, if any; return the first step to run."""
+    loaded = load_checkpoint(cfg.checkpoint.load_dir, learner) if cfg.checkpoint.load_dir else None
+    if loaded is None:
+        return 1
+    step, state = loaded
+    if "prompts" in state:  # absent from model-only checkpoints (the HF converter's)
+        stream.load_state_dict(state["prompts"])
+    return step + 1
+
+
+def _should_save(cfg: S2LConfig, step: int) -> bool:
+    interval = cfg.checkpoint.save_interval
+    return cfg.checkpoint.save_dir is not None and (step == cfg.train_steps or (interval > 0 and step % interval == 0))
+
+
+def _is_first_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _tensorboard(cfg: S2LConfig):
+    if cfg.logging.tensorboard_dir is None or not _is_first_rank():
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(cfg.logging.tensorboard_dir)
+
+
+def _log(writer, step: int, metrics: dict[str, float]) -> None:
+    if writer is None:
+        return
+    for key, value in metrics.items():
+        if math.isfinite(value):
+            writer.add_scalar(key, value, step)
+    writer.flush()
+
+
+class _Timer:
+    """Seconds since the previous lap."""
+
+    def __init__(self):
+        self._last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        return elapsed
