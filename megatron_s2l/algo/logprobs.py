@@ -11,14 +11,16 @@ this module reduces per-token statistics instead, as NeMo-RL's `DistributedLogpr
     logp   = x_t - m - log S
     H      = log S - E
 
-The three sums travel in one all-reduce. The backward needs no communication: with the per-token
-m, log S and E saved, each rank forms the gradient of its own slice,
+The sums (with a count of the shards owning each target, which validates the targets) travel in one
+all-reduce. The backward needs no communication: with the per-token m, log S and E saved, each rank
+forms the gradient of its own slice,
 
     d logp / d x_v = onehot_v(target) - p_v
     d H    / d x_v = -p_v (x_v - E_p[x])
 
 Math is fp32 whatever the logits' dtype. Tokens are processed `chunk_size` at a time in forward and
-again (recomputing the softmax) in backward, so the fp32 work space is a few [chunk, V/TP] tensors.
+again (recomputing the softmax) in backward, in one or two fp32 [chunk, V/TP] buffers reused by
+every chunk; beyond them only the gradient itself, [B, T, V/TP] in the logits' dtype, is allocated.
 """
 
 from __future__ import annotations

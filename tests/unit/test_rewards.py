@@ -30,7 +30,7 @@ def test_last_boxed():
     ("-\\dfrac{3}{4}", "-0.75", True), ("1,000", "1000", True), ("\\left( 2 \\right)", "(2)", True),
     ("13", "42", False), ("-7", "7", False),
     ("0.333333", "\\frac{1}{3}", None),  # math-verify equates values after rounding: leave it to it
-    ("1,2", "12", None), ("x=3", "3", None), ("2.5", "2.50001", None),
+    ("1,2", "12", None), ("x=3", "3", None), ("2.5", "2.50001", None), ("", "", None),
 ])
 def test_quick_match(answer, truth, expected):
     assert quick_match(answer, truth) is expected
