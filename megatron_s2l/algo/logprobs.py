@@ -145,6 +145,7 @@ def vocab_parallel_logprobs(logits: Tensor, targets: Tensor, *, group: Optional[
     at once); bounds the fp32 work space to a few [chunk_size, V_local] tensors in forward and backward.
     Returns log-probs [B, T] fp32 and entropy [B, T] fp32 (None unless `with_entropy`), both
     differentiable w.r.t. `logits`. Collective over `group`: every rank must call it with its shard.
+    Contiguous logits (what Megatron's GPTModel returns) are used in place; others are copied once.
     """
     if logits.dim() != 3 or targets.shape != logits.shape[:2]:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)}: expected logits "
