@@ -234,6 +234,11 @@ class VLLMEngine:
         self.version = version
         return {"bytes": float(total), "seconds": time.perf_counter() - start, "buckets": float(buckets)}
 
+    def close(self) -> None:
+        """Shut the engine down, its worker processes included. For an in-process engine (TP=1) vLLM's
+        teardown also destroys torch.distributed's default process group: close only when the run ends."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def sleep(self, level: int = 1) -> None:
         """Release GPU memory between rollouts (level 1 keeps a CPU copy of the weights, level 2 drops
         them: only when a full weight update follows). A no-op where sleep mode is off (always on CPU)."""

@@ -12,7 +12,7 @@ from megatron_s2l.rollout.engine import RolloutEngine  # noqa: E402
 from megatron_s2l.rollout.vllm_engine import VLLMEngine  # noqa: E402
 from megatron_s2l.types import Prompt  # noqa: E402
 from tests.tiny_models import write_tiny_model  # noqa: E402
-from tests.vllm.conftest import engine_config  # noqa: E402
+from tests.vllm.conftest import engine_config, hf_logprobs  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -46,19 +46,6 @@ def fresh(models):
     engine = VLLMEngine(str(models["new"]), engine_config(), source="learner", model_id="learner", eos_token_id=EOS)
     engine.rng_draws = (expected, torch.rand(3))
     return engine
-
-
-def hf_logprobs(path, prompt_ids, response_ids) -> torch.Tensor:
-    """Log-probs of `response_ids` after `prompt_ids` from an HF transformers float32 forward."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokens = torch.tensor([prompt_ids + response_ids])  # [1, L]
-    with torch.no_grad():
-        logits = model(tokens).logits.float()  # [1, L, V]
-    logprobs = torch.log_softmax(logits[0, :-1], dim=-1)  # [L-1, V]
-    targets = tokens[0, 1:]  # [L-1]
-    return logprobs.gather(-1, targets[:, None])[:, 0][len(prompt_ids) - 1:]  # [R]
 
 
 def test_sampled_logprobs_equal_hf_forward(fresh, models):
