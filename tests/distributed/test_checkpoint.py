@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from megatron_s2l.config import FP8Config, ParallelConfig
-from tests.distributed.test_learner import (LOSS, MODEL, OPTIM, SEED, allow_child_processes, as_tensors, by_value,
-                                            make_batch)
+from tests.distributed.test_learner import LOSS, MODEL, OPTIM, SEED, make_batch
 from tests.multiprocess import run_ranks
 
 SCHEDULED = dataclasses.replace(OPTIM, lr_warmup_steps=4, lr_decay_steps=40, lr_decay_style="cosine", min_lr=1e-3)
@@ -38,7 +37,6 @@ def _draws() -> list[float]:
 def _save_then_continue(rank, world_size, root):
     from megatron_s2l.learner.checkpoint import checkpoint_dir, save_checkpoint
 
-    allow_child_processes()
     learner = _learner(tp=2, pp=1)
     batch = make_batch()
     batch.old_logprobs = learner.logprobs(batch)
@@ -52,14 +50,13 @@ def _save_then_continue(rank, world_size, root):
     if rank == 0:  # a crash while writing step 3: its directory exists, `latest` still names step 2
         checkpoint_dir(root, 3).mkdir()
         (checkpoint_dir(root, 3) / "__0_0.distcp").write_bytes(b"partial")
-    return by_value({"old": batch.old_logprobs, "ref": batch.ref_logprobs, "curve": curve, **saved})
+    return {"old": batch.old_logprobs, "ref": batch.ref_logprobs, "curve": curve, **saved}
 
 
 def _resume(rank, world_size, root, first):
     from megatron_s2l.learner.checkpoint import latest_step, load_checkpoint, save_checkpoint
 
-    allow_child_processes()
-    first = as_tensors(first)
+    first = first
     learner = _learner(tp=1, pp=2)
     assert load_checkpoint(f"{root}/empty", learner) is None
     assert load_checkpoint(root, learner) == (2, {"data_position": 7})
@@ -70,15 +67,15 @@ def _resume(rank, world_size, root, first):
                "curve": [learner.train(batch)["loss"] for _ in range(3)]}
     save_checkpoint(root, 3, learner, state={"data_position": 9})
     assert latest_step(root) == 3 and load_checkpoint(root, learner) == (3, {"data_position": 9})
-    return by_value(resumed)
+    return resumed
 
 
 @pytest.mark.distributed
 def test_save_at_tp2_resume_at_tp1_pp2_continues_the_curve(tmp_path):
     first = run_ranks(_save_then_continue, 2, str(tmp_path), timeout=TIMEOUT)[0]
     assert (tmp_path / "latest").read_text() == "2\n"
-    resumed = as_tensors(run_ranks(_resume, 2, str(tmp_path), first, timeout=TIMEOUT))
-    first = as_tensors(first)
+    resumed = run_ranks(_resume, 2, str(tmp_path), first, timeout=TIMEOUT)
+    first = first
     scored = first["old"] != 0  # positions the learner computed
     for run in resumed:
         assert run["draws"] == first["draws"]  # RNG of rank 0 restored

@@ -145,9 +145,7 @@ def _learner_checkpoint_to_hf(rank, world_size, root):
     from megatron_s2l.learner.convert import megatron_to_hf
     from megatron_s2l.learner.hf_weights import export_hf_weights, hf_config
     from megatron_s2l.learner.step import Learner
-    from tests.distributed.test_learner import allow_child_processes
 
-    allow_child_processes()  # the checkpoint writer forks
     cfg = ModelConfig(num_layers=2, tie_word_embeddings=False)
     learner = Learner(cfg, ParallelConfig(), OptimConfig(), LossConfig(), FP8Config(), seed=3, with_reference=True)
     with torch.no_grad():  # the policy moves away from its initial copy (the reference), as training would

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 
@@ -87,40 +86,8 @@ def sharded_grads(module) -> list[tuple[str, tuple, torch.Tensor]]:
     return pieces
 
 
-def allow_child_processes() -> None:
-    """dist_checkpointing writes through forked writer processes, which a daemonic rank cannot start;
-    run_ranks starts daemonic ranks (and kills them itself on timeout), so lift the flag in the rank."""
-    import multiprocessing
-
-    multiprocessing.current_process().daemon = False
-
-
-def by_value(obj):
-    """Tensors as numpy arrays, recursively: torch's queue shares tensors through the sending process,
-    which has exited by the time run_ranks reads its result."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().numpy()
-    if isinstance(obj, dict):
-        return {k: by_value(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(by_value(v) for v in obj)
-    return obj
-
-
-def as_tensors(obj):
-    """The inverse of `by_value`."""
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj)
-    if isinstance(obj, dict):
-        return {k: as_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(as_tensors(v) for v in obj)
-    return obj
-
-
 def _reference(rank, world_size, checkpoint_dir):
     """One process, TP=1: plain-torch reference values, the model-only checkpoint, and the TP=1 Learner."""
-    allow_child_processes()
     from megatron_s2l.algo.loss import grpo_loss
     from megatron_s2l.learner.checkpoint import save_checkpoint
     from megatron_s2l.learner.model import build_model, init_parallel, transformer_config
@@ -157,7 +124,7 @@ def _reference(rank, world_size, checkpoint_dir):
     with torch.no_grad():
         final, _ = full_logprobs(model, batch.tokens)
     learner_run = _learner_checks(checkpoint_dir, ParallelConfig())
-    return by_value({"old": old, "final": final, "curve": curve, "first": first, "learner": learner_run})
+    return {"old": old, "final": final, "curve": curve, "first": first, "learner": learner_run}
 
 
 def _loaded_learner(checkpoint_dir, parallel: ParallelConfig):
@@ -193,26 +160,26 @@ def _learner_checks(checkpoint_dir, parallel: ParallelConfig) -> dict:
 
 def _layout(rank, world_size, checkpoint_dir, tp, pp):
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    return by_value(_learner_checks(checkpoint_dir, parallel))
+    return _learner_checks(checkpoint_dir, parallel)
 
 
 def _data_parallel(rank, world_size, checkpoint_dir):
     """DP=2 with Adam, then with the distributed optimizer, in one spawn."""
-    return [by_value(_learner_checks(checkpoint_dir, ParallelConfig(use_distributed_optimizer=distributed)))
+    return [_learner_checks(checkpoint_dir, ParallelConfig(use_distributed_optimizer=distributed))
             for distributed in (False, True)]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     path = tmp_path_factory.mktemp("reference_model")
-    return path, as_tensors(run_ranks(_reference, 1, str(path), timeout=TIMEOUT)[0])
+    return path, run_ranks(_reference, 1, str(path), timeout=TIMEOUT)[0]
 
 
 def check_layout(ref: dict, runs: list[dict], *, grads: bool = True) -> None:
     """Compare every rank's results with the single-process reference."""
     batch = make_batch()
     where = scored(batch)
-    for run in as_tensors(runs):  # every rank holds the same full tensors and metrics
+    for run in runs:  # every rank holds the same full tensors and metrics
         torch.testing.assert_close(run["old"][where], ref["old"][where], rtol=0, atol=2e-5)
         torch.testing.assert_close(run["ref"][where], ref["old"][where], rtol=0, atol=2e-5)
         first = run["first"]
