@@ -239,9 +239,13 @@ class OptimConfig:
     ppo_epochs: int = 1
     mini_batch_prompts: int = 4  # prompts per optimizer step (all their samples)
     micro_batch_size: int = 4  # sequences per forward/backward
+    logprob_chunk_size: int = 1024  # tokens per vocab-parallel log-prob chunk: the fp32 scratch is about
+    # chunk x vocab/TP floats; 0: a whole micro-batch at once
 
     def validate(self, at: str) -> list[str]:
         errors = _positive(self, at, "lr", "ppo_epochs", "mini_batch_prompts", "micro_batch_size")
+        if self.logprob_chunk_size < 0:
+            errors.append(f"{at}.logprob_chunk_size={self.logprob_chunk_size}: must be >= 0 (0: no chunking)")
         if not 0 <= self.min_lr <= self.lr:
             errors.append(f"{at}.min_lr={self.min_lr}: must be in [0, {at}.lr={self.lr}]")
         if self.lr_warmup_steps < 0:

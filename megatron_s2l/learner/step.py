@@ -205,7 +205,8 @@ class Learner:
         """Log-probs (and entropy) [m, T] of the micro-batch targets from vocab-parallel `logits` [m, T, V/TP]."""
         vocab_start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]  # equal shards
         return vocab_parallel_logprobs(logits, micro["targets"], vocab_start=vocab_start, with_entropy=with_entropy,
-                                       group=parallel_state.get_tensor_model_parallel_group())
+                                       group=parallel_state.get_tensor_model_parallel_group(),
+                                       chunk_size=self.optim.logprob_chunk_size or None)
 
     def _logprob_output(self, micro: MicroBatch, logits: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
         # forward-only schedules call this with non_loss_data=True and store what it returns

@@ -31,6 +31,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from megatron_s2l.config import EngineConfig, SamplingConfig
 from megatron_s2l.rollout.checks import check_hf_checkpoint
@@ -92,6 +93,30 @@ def _trainer_rng_preserved():
         np.random.set_state(np_state)
 
 
+def executor_backend(tensor_parallel_size: int) -> str:
+    """How vLLM runs the engine here.
+
+    Inside a multi-process job (torchrun) every rank holds its engine shard, as verl colocates vLLM:
+    "external_launcher" makes groups of `tensor_parallel_size` consecutive ranks one engine, and the
+    job's other ranks form independent replicas. A single process runs TP=1 in process ("uni") and
+    TP>1 with vLLM's own worker processes ("mp").
+    """
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_world_size() % tensor_parallel_size:
+            raise ValueError(f"engine tensor_parallel_size={tensor_parallel_size} must divide the job's "
+                             f"{dist.get_world_size()} processes (every rank holds one engine shard)")
+        return "external_launcher"
+    return "uni" if tensor_parallel_size == 1 else "mp"
+
+
+def _cores_of_this_rank() -> str:
+    """This rank's share of the node's cores ("first-last"): ranks that bind the same cores crawl."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    per_rank = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    first = (local_rank * per_rank) % (os.cpu_count() or 1)
+    return f"{first}-{first + per_rank - 1}"
+
+
 class VLLMEngine:
     """A vLLM engine over a local HF checkpoint: token ids in, samples with behaviour log-probs out."""
 
@@ -109,7 +134,8 @@ class VLLMEngine:
         self.version: Optional[int] = None
         self.dropped_prompts = 0  # prompts longer than the limit, skipped (engine.on_long_prompt="drop")
         self._calls = 0
-        self._in_process = engine.tensor_parallel_size == 1
+        self._executor = executor_backend(engine.tensor_parallel_size)
+        self._in_process = self._executor != "mp"
         self._sleep_mode = engine.enable_sleep_mode and torch.cuda.is_available()
         self._asleep = False
         self.llm = self._start(hf_path)
@@ -119,18 +145,21 @@ class VLLMEngine:
         from vllm import envs as vllm_envs
 
         # vLLM caches its environment once an engine is up; a second engine in this process must see
-        # its own settings. TP=1 keeps the engine core in this process; TP>1 runs vLLM's default
-        # multiprocess layout (engine core + one worker per rank).
+        # its own settings. In-process executors keep the engine core in this process; "mp" runs vLLM's
+        # multiprocess layout (engine core + one worker per TP rank).
         vllm_envs.disable_envs_cache()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self._in_process else "1"
-        if self.cfg.tensor_parallel_size > 1 and self.cfg.cpu_omp_threads_bind and not torch.cuda.is_available():
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.cfg.cpu_omp_threads_bind
+        if not torch.cuda.is_available():
+            bind = self.cfg.cpu_omp_threads_bind or (_cores_of_this_rank() if self._executor == "external_launcher"
+                                                     else None)
+            if bind:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
 
         kwargs = dict(model=hf_path, skip_tokenizer_init=True, tensor_parallel_size=self.cfg.tensor_parallel_size,
                       dtype=self.cfg.dtype, seed=self.cfg.seed, max_model_len=self.cfg.max_model_len,
                       enforce_eager=self.cfg.enforce_eager, logprobs_mode=self.cfg.logprobs_mode,
                       worker_extension_cls=_EXTENSION,
-                      distributed_executor_backend="uni" if self._in_process else "mp")
+                      distributed_executor_backend=self._executor)
         if torch.cuda.is_available():
             kwargs.update(gpu_memory_utilization=self.cfg.gpu_memory_utilization,
                           enable_sleep_mode=self._sleep_mode)
