@@ -26,11 +26,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megatron_s2l.config import DataConfig, FP8Config, LossConfig, ModelConfig, OptimConfig, ParallelConfig, S2LConfig
+from megatron_s2l.config import (DataConfig, EngineConfig, FP8Config, LossConfig, ModelConfig, OptimConfig,
+                                  ParallelConfig, S2LConfig, SamplingConfig)
+from megatron_s2l.data.prompts import task_prompts
 from megatron_s2l.data.task import TaskSpec, pretraining_examples, task_splits
-from megatron_s2l.data.tokenizer import render_prompt, train_tokenizer
+from megatron_s2l.data.tokenizer import Tokenizer, render_prompt, train_tokenizer
+from megatron_s2l.evaluation.passk_eval import evaluate, write_comparison
 from megatron_s2l.learner.hf_weights import save_hf_dir
 from megatron_s2l.learner.step import Learner
+from megatron_s2l.rollout.vllm_engine import VLLMEngine
 
 FAMILY_ROOT = Path("runs/demo_family")
 DONE = "family.json"
@@ -56,8 +60,8 @@ class FamilySpec:
     """Everything that defines the demo family; its hash names the cache directory."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    explorer: Member = field(default_factory=lambda: Member(_size(2, 128, 4, 2), steps=400, lr=2e-3, seed=1))
-    learner: Member = field(default_factory=lambda: Member(_size(4, 256, 8, 4), steps=400, lr=1e-3, seed=2))
+    explorer: Member = field(default_factory=lambda: Member(_size(2, 128, 4, 2), steps=300, lr=2e-3, seed=1))
+    learner: Member = field(default_factory=lambda: Member(_size(4, 256, 8, 4), steps=300, lr=1e-3, seed=2))
     batch_size: int = 32
     passk_samples: int = 32  # samples per held-out problem for the pass@k curves
 
@@ -82,16 +86,37 @@ def build_family(spec: FamilySpec, out: Path) -> Path:
         learner, losses[name] = pretrain(member, examples, spec.batch_size, tokenizer.pad_id, desc=f"pretrain {name}")
         save_hf_dir(learner.model_chunks, member.model, out / name)
         tokenizer.save(out / name)
-    summary = {"spec": dataclasses.asdict(spec), "final_loss": losses, "seconds": round(time.time() - started, 1)}
+    curves = family_passk(spec, out, tokenizer)
+    summary = {"spec": dataclasses.asdict(spec), "final_loss": losses, "seconds": round(time.time() - started, 1),
+               "pass@k": {name: result["benchmarks"]["held_out"]["pass@k"] for name, result in curves.items()}}
     (out / DONE).write_text(json.dumps(summary, indent=2))
     return out
+
+
+def family_passk(spec: FamilySpec, out: Path, tokenizer: Tokenizer) -> dict[str, dict]:
+    """pass@1..k of both models on the held-out split, sampled as the explorer samples during training;
+    writes passk/compare.{json,md,png} (the figure behind the method) and returns the results."""
+    _, held_out = task_splits(spec.data.task_num_train, spec.data.task_num_eval, _task_spec(spec.data),
+                              seed=spec.data.seed)
+    benchmark = {"held_out": task_prompts(held_out, tokenizer, template=spec.data.prompt_template)}
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=48)
+    engine = EngineConfig(max_model_len=160, kv_cache_memory_bytes=64 * 2**20, dtype="float32")
+    results = {}
+    for name in ("explorer", "learner"):
+        served = VLLMEngine(str(out / name), engine, source="learner", model_id=name, eos_token_id=tokenizer.eos_id)
+        results[name] = evaluate(served, benchmark, out / "passk" / name, k=spec.passk_samples, sampling=sampling,
+                                 decode=tokenizer.decode, settings={"model": name})
+    paths = write_comparison(results, out / "passk")
+    print(paths["table"].read_text())
+    return results
 
 
 def pretrain(member: Member, examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
              desc: str) -> tuple[Learner, float]:
     """Supervised pretraining on (prompt, completion) pairs, loss on the completions; returns the last loss."""
     optim = OptimConfig(lr=member.lr, min_lr=member.lr / 10, lr_warmup_steps=member.steps // 10,
-                        lr_decay_steps=member.steps, lr_decay_style="cosine", weight_decay=0.01)
+                        lr_decay_steps=member.steps, lr_decay_style="cosine", weight_decay=0.01,
+                        micro_batch_size=batch_size)
     learner = Learner(member.model, ParallelConfig(), optim, LossConfig(kl_coef=0.0), FP8Config(), seed=member.seed,
                       with_reference=False)
     rng = random.Random(member.seed)

@@ -28,7 +28,8 @@ from megatron_s2l.learner.model import build_model, init_parallel, transformer_c
 
 # Tokenizer files copied next to an exported model (whichever the tokenizer directory has).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                   "s2l_tokenizer.model")  # the last: the CPU demo's sentencepiece tokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

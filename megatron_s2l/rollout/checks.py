@@ -52,6 +52,9 @@ def check_hf_checkpoint(path: str | Path, *, role: str = "explorer") -> Path:
     return root
 
 
+DEMO_TOKENIZER_FILE = "s2l_tokenizer.model"  # data.tokenizer.TOKENIZER_FILE (rollout may not import data)
+
+
 def has_tokenizer(path: str | Path) -> bool:
     """Whether an HF directory carries tokenizer files."""
     return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
@@ -60,6 +63,12 @@ def has_tokenizer(path: str | Path) -> bool:
 def check_tokenizers_agree(explorer_path: str | Path, learner_path: str | Path) -> bool:
     """Raise ValueError if the explorer's and learner's tokenizers differ in vocabulary, special tokens
     or chat template; return False (nothing compared) when either directory has no tokenizer files."""
+    demo_e, demo_l = Path(explorer_path) / DEMO_TOKENIZER_FILE, Path(learner_path) / DEMO_TOKENIZER_FILE
+    if demo_e.is_file() or demo_l.is_file():  # the demo family's sentencepiece model: one file says it all
+        if not (demo_e.is_file() and demo_l.is_file() and demo_e.read_bytes() == demo_l.read_bytes()):
+            raise ValueError(f"explorer tokenizer ({demo_e}) and learner tokenizer ({demo_l}) differ or one is "
+                             f"missing: build both models of the family with the same tokenizer")
+        return True
     if not (has_tokenizer(explorer_path) and has_tokenizer(learner_path)):
         return False
     from transformers import AutoTokenizer
