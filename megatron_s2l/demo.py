@@ -37,7 +37,7 @@ from megatron_s2l.learner.step import Learner
 from megatron_s2l.rollout.vllm_engine import VLLMEngine
 
 FAMILY_ROOT = Path("runs/demo_family")
-DONE = "family.json"
+DONE, SPEC = "family.json", "spec.json"
 
 
 def _size(layers: int, hidden: int, heads: int, groups: int) -> ModelConfig:
@@ -67,6 +67,12 @@ class FamilySpec:
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> "FamilySpec":
+        members = {name: Member(**dict(spec[name], model=ModelConfig(**spec[name]["model"])))
+                   for name in ("explorer", "learner")}
+        return cls(**dict(spec, data=DataConfig(**spec["data"]), **members))
 
 
 def family_dir(spec: FamilySpec, root: Path = FAMILY_ROOT) -> Path:
@@ -155,8 +161,11 @@ def prepare_demo(cfg: S2LConfig, spec: FamilySpec | None = None, timeout_s: floa
     out = family_dir(spec)
     if not (out / DONE).exists():
         if int(os.environ.get("RANK", "0")) == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / SPEC).write_text(json.dumps(dataclasses.asdict(spec), indent=2))
             env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-            subprocess.run([sys.executable, "-m", "megatron_s2l.demo", "--out", str(out)], check=True, env=env)
+            subprocess.run([sys.executable, "-m", "megatron_s2l.demo", "--spec", str(out / SPEC), "--out", str(out)],
+                           check=True, env=env)
         else:
             _wait_for(out / DONE, timeout_s)
     return dataclasses.replace(
@@ -177,9 +186,10 @@ def _wait_for(path: Path, timeout_s: float) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Build the CPU demo's model family")
+    parser.add_argument("--spec", type=Path, help="a FamilySpec as JSON (default: FamilySpec())")
     parser.add_argument("--out", type=Path, help="output directory (default: runs/demo_family/<settings hash>)")
     args = parser.parse_args(argv)
-    spec = FamilySpec()
+    spec = FamilySpec.from_dict(json.loads(args.spec.read_text())) if args.spec else FamilySpec()
     print(build_family(spec, args.out or family_dir(spec)))
 
 

