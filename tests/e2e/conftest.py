@@ -1,0 +1,81 @@
+"""Shared set-up of the end-to-end tests: a tiny random model family (no pretraining) and small configs.
+
+`tiny_family` writes two random HF Qwen3 directories (the explorer smaller than the learner, head_dim 32
+so vLLM serves them) with a sentencepiece tokenizer trained on the demo task's text saved in both, as
+the demo family has. Random models never write a \\boxed answer, so `even_token_rollout` builds the real
+rollout phase (real engines, mixer, refit) with a reward that varies between samples: the fraction of
+even token ids in the response. That gives non-zero advantages, so the learner really updates.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from megatron_s2l.config import S2LConfig
+from megatron_s2l.data.task import TaskSpec, task_splits
+from megatron_s2l.data.tokenizer import load_tokenizer, train_tokenizer
+from megatron_s2l.rollout.mixer import S2LMixer
+from megatron_s2l.rollout.phase import RolloutPhase
+from megatron_s2l.rollout.refit import Refitter
+from megatron_s2l.rollout.vllm_engine import VLLMEngine
+from megatron_s2l.types import Prompt
+from tests.tiny_models import write_tiny_model
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+REPO = Path(__file__).resolve().parents[2]
+NUM_TRAIN, NUM_EVAL = 64, 8  # demo-task problems: tokenizer corpus and training prompts
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory) -> dict[str, Path]:
+    """{"learner": dir, "explorer": dir}: random tiny Qwen3 models sharing a demo-task tokenizer."""
+    out = tmp_path_factory.mktemp("family")
+    train, _ = task_splits(NUM_TRAIN, NUM_EVAL, TaskSpec(), seed=0)
+    tokenizer = train_tokenizer((p.question + " " + p.solution for p in train), vocab_size=512)
+    dirs = {"learner": write_tiny_model(out / "learner", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                                        seed=1),
+            "explorer": write_tiny_model(out / "explorer", hidden_size=64, intermediate_size=192, num_layers=1,
+                                         num_heads=2, num_kv_heads=1, seed=2)}
+    for path in dirs.values():
+        tokenizer.save(path)
+    return dirs
+
+
+def tiny_config(family: dict[str, Path], **sections) -> dict:
+    """A config dict for a few fast steps on the tiny family; `sections` replace or extend top-level keys."""
+    engine = {"max_model_len": 128, "kv_cache_memory_bytes": 32 * 2**20, "dtype": "float32"}
+    base = {
+        "seed": 7, "train_steps": 4, "prompts_per_step": 2,
+        "learner": {"hf_path": str(family["learner"])},
+        "learner_engine": engine,
+        "learner_sampling": {"temperature": 1.0, "max_new_tokens": 8},
+        "explorer": {"source": "online", "hf_path": str(family["explorer"]), "engine": engine,
+                     "sampling": {"temperature": 1.0, "max_new_tokens": 8}},
+        "schedule": {"group_size": 4, "t_mix": 3, "group_mode": "combined"},
+        "loss": {"kl_coef": 0.1},
+        "optim": {"lr": 1e-3, "mini_batch_prompts": 2, "micro_batch_size": 8},
+        "data": {"task_num_train": NUM_TRAIN, "task_num_eval": NUM_EVAL, "max_prompt_length": 96},
+    }
+    return base | sections
+
+
+def even_token_reward(prompt: Prompt, response_ids: list[int]) -> float:
+    """Fraction of even token ids in the response: a reward that varies between random-model samples."""
+    return sum(t % 2 == 0 for t in response_ids) / max(1, len(response_ids))
+
+
+def even_token_rollout(cfg: S2LConfig) -> RolloutPhase:
+    """The real rollout phase of `cfg` (vLLM engines for both sources, mixer, refit) with `even_token_reward`."""
+    eos = load_tokenizer(cfg.learner.hf_path).eos_id
+    learner = VLLMEngine(cfg.learner.hf_path, cfg.learner_engine, source="learner", model_id="learner",
+                         eos_token_id=eos)
+    explorer = VLLMEngine(cfg.explorer.hf_path, cfg.explorer.engine, source="explorer",
+                          model_id=cfg.explorer.model_id, eos_token_id=eos)
+    mixer = S2LMixer(cfg.schedule, explorer=explorer, learner=learner, explorer_sampling=cfg.explorer.sampling,
+                     learner_sampling=cfg.learner_sampling, reward_fn=even_token_reward, seed=cfg.seed)
+    return RolloutPhase(mixer, Refitter(learner), engine_tp=cfg.learner_engine.tensor_parallel_size)
