@@ -10,9 +10,12 @@ even token ids in the response. That gives non-zero advantages, so the learner r
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from megatron_s2l.config import S2LConfig
 from megatron_s2l.data.task import TaskSpec, task_splits
@@ -79,3 +82,27 @@ def even_token_rollout(cfg: S2LConfig) -> RolloutPhase:
     mixer = S2LMixer(cfg.schedule, explorer=explorer, learner=learner, explorer_sampling=cfg.explorer.sampling,
                      learner_sampling=cfg.learner_sampling, reward_fn=even_token_reward, seed=cfg.seed)
     return RolloutPhase(mixer, Refitter(learner), engine_tp=cfg.learner_engine.tensor_parallel_size)
+
+
+def torchrun_command(config_path: Path, *args: str, nproc: int = 2, max_restarts: int = 0) -> list[str]:
+    """`torchrun --nproc_per_node=nproc examples/pretrain_s2l.py --config config_path args...` on a free port."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+            str(REPO / "examples" / "pretrain_s2l.py"), "--config", str(config_path), *args]
+
+
+def job_env() -> dict[str, str]:
+    """The environment of a launched job: one thread per rank, the repository importable."""
+    return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def write_config(cfg: dict, path: Path) -> Path:
+    """Write a config dict as the YAML file the entry script reads."""
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
