@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
@@ -83,13 +84,16 @@ def train_step(cfg: S2LConfig, step: int, prompts: list[Prompt], rollout: Rollou
     after the first update), whose metrics are prefixed with the phase's source.
     """
     metrics: dict[str, float] = {"schedule/explorer_share": rollout_share(rollout, step)}
-    for sources in rollout.phases(step):
+    phases = rollout.phases(step)
+    rewards = []
+    for sources in phases:
         timer = _Timer()
         groups = rollout.rollout(step, prompts, sources)
-        phase = {"time/rollout": timer.lap(), "rollout/tokens": float(sum(len(s.response_ids) for g in groups
-                                                                          for s in g.samples))}
+        phase = {"time/rollout": timer.lap(),
+                 "rollout/tokens": float(sum(len(s.response_ids) for g in groups for s in g.samples))}
         phase["rollout/tokens_per_s"] = phase["rollout/tokens"] / max(phase["time/rollout"], 1e-9)
         batch = TrainBatch.from_groups(groups, pad_id=pad_id)
+        rewards.append(batch.rewards)
         batch, advantage_metrics = with_advantages(batch, cfg)
         phase.update(advantage_metrics)
         if batch.size:
@@ -97,17 +101,15 @@ def train_step(cfg: S2LConfig, step: int, prompts: list[Prompt], rollout: Rollou
             if cfg.loss.kl_coef > 0:
                 batch.ref_logprobs = learner.logprobs(batch, reference=True)
             phase["time/logprobs"] = timer.lap()
-            phase.update({f"train/{k}": v for k, v in
-                          learner.train(batch, max_response_len=cfg.learner_sampling.max_new_tokens).items()})
+            trained = learner.train(batch, max_response_len=cfg.learner_sampling.max_new_tokens)
+            phase.update({f"train/{k}": v for k, v in trained.items()})
             phase["time/train"] = timer.lap()
-            if phase["train/optimizer_steps"]:
+            if trained["optimizer_steps"]:
                 rollout.sync_weights(export_hf_weights(learner.model_chunks, cfg.learner))
             phase["time/refit"] = timer.lap()
-        prefix = "" if len(sources) > 1 or len(rollout.phases(step)) == 1 else f"{sources[0]}_phase/"
+        prefix = f"{sources[0]}_phase/" if len(phases) > 1 else ""
         metrics.update({prefix + k: float(v) for k, v in phase.items()})
-    if "reward/mean" not in metrics:  # separate mode: the step's reward over both phases
-        metrics["reward/mean"] = sum(metrics.get(f"{s}_phase/reward/mean", 0.0) for s in ("explorer", "learner")) / \
-            max(1, sum(f"{s}_phase/reward/mean" in metrics for s in ("explorer", "learner")))
+    metrics["reward/mean"] = float(torch.cat(rewards).mean())  # over every rollout of the step
     return metrics
 
 
