@@ -1,0 +1,48 @@
+"""Skip logic of the GPU suite: every test here needs CUDA; tests marked `te` also need Transformer Engine.
+
+The reason is printed with the skip (`-ra` is in pytest's addopts), so a device session sees at once
+whether CUDA or TE was missing. Transformer Engine is imported only when CUDA is present: on a CPU
+machine its import is never attempted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+_HERE = Path(__file__).parent
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "te: needs Transformer Engine (tests/gpu only)")
+
+
+def _transformer_engine_error() -> str | None:
+    """Why Transformer Engine cannot be used here, or None when it can (the learner's own check)."""
+    from megatron_s2l.learner.fp8 import require_transformer_engine
+
+    try:
+        require_transformer_engine("tests marked te")
+    except RuntimeError as err:
+        return str(err)
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    ours = [item for item in items if _HERE in Path(str(item.fspath)).parents]
+    if not ours:
+        return
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason=f"needs a CUDA GPU (torch {torch.__version__}: torch.cuda.is_available() "
+                                       f"is False)")
+        for item in ours:
+            item.add_marker(skip)
+        return
+    error = _transformer_engine_error() if any(item.get_closest_marker("te") for item in ours) else None
+    if error:
+        skip = pytest.mark.skip(reason=f"{error} (tests/gpu/README.md: how to build it on the device machine)")
+        for item in ours:
+            if item.get_closest_marker("te"):
+                item.add_marker(skip)
