@@ -92,8 +92,9 @@ def torchrun_command(config_path: Path, *args: str, nproc: int = 2, max_restarts
 
 
 def job_env() -> dict[str, str]:
-    """The environment of a launched job: one thread per rank, the repository importable."""
-    return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    """The environment of a launched job: one thread per rank, the repository importable, and a free port for
+    a single-process run (whose default, 29512, collides with any other single-process run on the machine)."""
+    return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_PORT": str(_free_port())}
 
 
 def write_config(cfg: dict, path: Path) -> Path:
