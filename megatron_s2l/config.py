@@ -35,6 +35,7 @@ KLType = Literal["k1", "k3", "low_var_kl"]
 LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 ImportanceCorrection = Literal["none", "tis", "icepop"]
 LayerSpec = Literal["local", "te"]
+ParamsDType = Literal["float32", "bfloat16"]
 FP8Recipe = Literal["delayed", "tensorwise", "blockwise", "mxfp8"]
 OnBadPrompt = Literal["error", "drop"]
 PromptTemplate = Literal["chat", "qwen3-base", "qwen3-base-nothink", "raw"]
@@ -59,6 +60,7 @@ class ModelConfig:
     qk_layernorm: bool = True  # Qwen3: RMSNorm on q and k per head; Llama: False
     tie_word_embeddings: bool = True
     layer_spec: LayerSpec = "local"  # "te" needs Transformer Engine (GPU clusters)
+    params_dtype: ParamsDType = "float32"  # bfloat16: BF16 weights, fp32 main params in the optimizer (GPU)
     hf_path: Optional[str] = None  # local HF directory to initialise from; never a hub id
 
     def validate(self, at: str) -> list[str]:

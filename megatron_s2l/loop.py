@@ -133,6 +133,7 @@ def resolve_models(cfg: S2LConfig) -> S2LConfig:
         raise ValueError("learner.hf_path is empty: set it to the learner's local HF directory (convert a Megatron "
                          "checkpoint with tools/convert_megatron_to_hf.py), or run the demo without --config")
     learner = dataclasses.replace(model_config_from_hf(cfg.learner.hf_path), layer_spec=cfg.learner.layer_spec,
+                                  params_dtype=cfg.learner.params_dtype,
                                   hf_path=cfg.learner.hf_path)
     return dataclasses.replace(cfg, learner=learner)
 

@@ -45,7 +45,8 @@ class Learner:
     def __init__(self, model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, loss: LossConfig,
                  fp8: FP8Config, *, seed: int, with_reference: bool):
         # Built before any process group so that an impossible FP8/TE request fails at once.
-        self.config = transformer_config(model, parallel, fp8)
+        params_dtype = getattr(torch, model.params_dtype)
+        self.config = transformer_config(model, parallel, fp8, params_dtype=params_dtype)
         init_parallel(parallel, seed)
         self.model, self.optim, self.loss_kwargs = model, optim, dataclasses.asdict(loss)
         self.config.finalize_model_grads_func = finalize_model_grads
@@ -57,9 +58,9 @@ class Learner:
                                                    use_distributed_optimizer=parallel.use_distributed_optimizer)
         self.ddp_chunks = [DistributedDataParallel(self.config, ddp_config, policy)]
         self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
-                            adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, clip_grad=optim.clip_grad,
-                            use_distributed_optimizer=parallel.use_distributed_optimizer),
+            OptimizerConfig(optimizer="adam", bf16=params_dtype == torch.bfloat16, lr=optim.lr, min_lr=optim.min_lr,
+                            weight_decay=optim.weight_decay, adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2,
+                            clip_grad=optim.clip_grad,                            use_distributed_optimizer=parallel.use_distributed_optimizer),
             self.ddp_chunks)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if optim.lr_warmup_steps else optim.lr, max_lr=optim.lr,
