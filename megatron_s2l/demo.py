@@ -61,7 +61,7 @@ class FamilySpec:
 
     data: DataConfig = field(default_factory=DataConfig)
     explorer: Member = field(default_factory=lambda: Member(_size(2, 128, 4, 2), steps=300, lr=2e-3, seed=1))
-    learner: Member = field(default_factory=lambda: Member(_size(4, 256, 8, 4), steps=300, lr=1e-3, seed=2))
+    learner: Member = field(default_factory=lambda: Member(_size(4, 256, 8, 4), steps=80, lr=1e-3, seed=2))
     batch_size: int = 32
     passk_samples: int = 32  # samples per held-out problem for the pass@k curves
 

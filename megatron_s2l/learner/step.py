@@ -60,7 +60,7 @@ class Learner:
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", bf16=params_dtype == torch.bfloat16, lr=optim.lr, min_lr=optim.min_lr,
                             weight_decay=optim.weight_decay, adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2,
-                            clip_grad=optim.clip_grad,                            use_distributed_optimizer=parallel.use_distributed_optimizer),
+                            clip_grad=optim.clip_grad, use_distributed_optimizer=parallel.use_distributed_optimizer),
             self.ddp_chunks)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if optim.lr_warmup_steps else optim.lr, max_lr=optim.lr,
