@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -30,14 +31,14 @@ from megatron_s2l.config import (DataConfig, EngineConfig, FP8Config, LossConfig
                                   ParallelConfig, S2LConfig, SamplingConfig)
 from megatron_s2l.data.prompts import task_prompts
 from megatron_s2l.data.task import TaskSpec, pretraining_examples, task_splits
-from megatron_s2l.data.tokenizer import Tokenizer, render_prompt, train_tokenizer
+from megatron_s2l.data.tokenizer import TOKENIZER_FILE, Tokenizer, render_prompt, train_tokenizer
 from megatron_s2l.evaluation.passk_eval import evaluate, write_comparison
 from megatron_s2l.learner.hf_weights import save_hf_dir
 from megatron_s2l.learner.step import Learner
 from megatron_s2l.rollout.vllm_engine import VLLMEngine
 
 FAMILY_ROOT = Path("runs/demo_family")
-DONE, SPEC = "family.json", "spec.json"
+DONE, SPEC, PRETRAIN_LOG = "family.json", "spec.json", "pretrain.json"
 
 
 def _size(layers: int, hidden: int, heads: int, groups: int) -> ModelConfig:
@@ -80,20 +81,33 @@ def family_dir(spec: FamilySpec, root: Path = FAMILY_ROOT) -> Path:
 
 
 def build_family(spec: FamilySpec, out: Path) -> Path:
-    """Build the tokenizer and both models into `out` (single process); returns `out`."""
+    """Build the tokenizer and both models into `out` (single process); returns `out`.
+
+    Resumable: a model directory appears only once complete (written aside, then renamed), and a rerun
+    keeps the tokenizer and every finished model and evaluation.
+    """
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
     train, _ = task_splits(spec.data.task_num_train, spec.data.task_num_eval, _task_spec(spec.data), seed=spec.data.seed)
-    tokenizer = train_tokenizer((p.question + " " + p.solution for p in train), vocab_size=spec.learner.model.vocab_size)
+    if not (out / TOKENIZER_FILE).exists():
+        train_tokenizer((p.question + " " + p.solution for p in train), vocab_size=spec.learner.model.vocab_size).save(out)
+    tokenizer = Tokenizer.load(out)
     examples = pretraining_examples(
         train, tokenizer, lambda q: render_prompt([{"role": "user", "content": q}], spec.data.prompt_template, tokenizer))
-    losses = {}
     for name, member in (("explorer", spec.explorer), ("learner", spec.learner)):
-        learner, losses[name] = pretrain(member, examples, spec.batch_size, tokenizer.pad_id, desc=f"pretrain {name}")
-        save_hf_dir(learner.model_chunks, member.model, out / name)
-        tokenizer.save(out / name)
+        if (out / name).exists():
+            continue
+        learner, loss = pretrain(member, examples, spec.batch_size, tokenizer.pad_id, desc=f"pretrain {name}")
+        partial = out / f"{name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        save_hf_dir(learner.model_chunks, member.model, partial)
+        tokenizer.save(partial)
+        (partial / PRETRAIN_LOG).write_text(json.dumps({"final_loss": loss, "steps": member.steps}))
+        partial.rename(out / name)
     curves = family_passk(spec, out, tokenizer)
-    summary = {"spec": dataclasses.asdict(spec), "final_loss": losses, "seconds": round(time.time() - started, 1),
+    summary = {"spec": dataclasses.asdict(spec), "seconds": round(time.time() - started, 1),
+               "final_loss": {name: json.loads((out / name / PRETRAIN_LOG).read_text())["final_loss"]
+                              for name in ("explorer", "learner")},
                "pass@k": {name: result["benchmarks"]["held_out"]["pass@k"] for name, result in curves.items()}}
     (out / DONE).write_text(json.dumps(summary, indent=2))
     return out

@@ -164,7 +164,9 @@ class VLLMEngine:
             kwargs.update(gpu_memory_utilization=self.cfg.gpu_memory_utilization,
                           enable_sleep_mode=self._sleep_mode)
         else:
-            kwargs.update(kv_cache_memory_bytes=self.cfg.kv_cache_memory_bytes)
+            # Chunked prefill discards the token sampled for a half-prefilled request by rewinding its
+            # seeded generator, which CPU generators cannot do ("CPU Generator does not use offset").
+            kwargs.update(kv_cache_memory_bytes=self.cfg.kv_cache_memory_bytes, enable_chunked_prefill=False)
         with _trainer_rng_preserved():
             return LLM(**kwargs)
 
