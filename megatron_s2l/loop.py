@@ -46,10 +46,10 @@ def train(cfg: S2LConfig, rollout: RolloutHook | None = None) -> TrainResult:
     """Run S2L-PO per `cfg`; `rollout` replaces the default rollout phase (online/offline explorer + vLLM learner)."""
     cfg = resolve_models(cfg).validate()
     tokenizer = load_tokenizer(cfg.learner.hf_path)
+    stream = PromptStream(prompts_from_config(cfg.data, tokenizer, "train").prompts, seed=cfg.data.seed)
     learner = Learner(cfg.learner, cfg.parallel, cfg.optim, cfg.loss, cfg.fp8, seed=cfg.seed,
                       with_reference=cfg.loss.kl_coef > 0)
     learner.load_hf(read_hf_state(cfg.learner.hf_path))
-    stream = PromptStream(prompts_from_config(cfg.data, tokenizer, "train").prompts, seed=cfg.data.seed)
     start = _resume(cfg, learner, stream)
     rollout = rollout or build_rollout_phase(cfg, tokenizer)
     if start > 1:  # the engine was started from the initial weights

@@ -12,10 +12,12 @@ SIGALRM) works from any thread and in any host process, and it needs no `__main_
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -152,12 +154,19 @@ class MathScorer:
             worker.kill()
 
 
+def _die_with_parent() -> None:
+    """Linux: the worker is killed when its parent dies, even by SIGKILL (a forked sibling may still hold
+    the worker's stdin open, so end-of-input alone would not stop it)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _start_worker() -> subprocess.Popen:
     root = str(Path(__file__).resolve().parents[2])  # the directory holding the megatron_s2l package
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
                OMP_NUM_THREADS="1")
     worker = subprocess.Popen([sys.executable, "-m", "megatron_s2l.algo.rewards"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
+                              stdout=subprocess.PIPE, text=True, bufsize=1, env=env, preexec_fn=_die_with_parent)
     # Importing math-verify (sympy) takes about a second: wait for it here, outside any check's deadline.
     ready = select.select([worker.stdout], [], [], _STARTUP_TIMEOUT_S)[0] and worker.stdout.readline()
     if ready != "ready\n":
@@ -189,6 +198,7 @@ def _serve() -> None:
         sys.stdout.flush()
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _DEFAULT: dict[float, MathScorer] = {}  # one shared scorer per timeout, for math_reward
 _DEFAULT_LOCK = threading.Lock()
 

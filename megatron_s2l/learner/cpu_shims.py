@@ -101,13 +101,14 @@ def _patch_tensor_type() -> None:
 
 
 def _patch_checkpoint_queue() -> None:
-    """The async checkpoint writer makes its results queue from a spawn-context Manager, whose server
-    process re-imports `__main__` (4-10 s per rank); a fork-context Manager starts at once."""
+    """The checkpoint writer makes its results queue from a spawn-context Manager, whose server process
+    re-imports `__main__` (4-10 s per rank) and, as a separate process, outlives a killed rank holding
+    its pipes. Writes run in this process or in forked children, so a plain fork-context queue will do."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     def fork_queue():
         if filesystem_async._results_queue is None:
-            filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+            filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
         return filesystem_async._results_queue
 
     filesystem_async._get_write_results_queue = fork_queue

@@ -8,6 +8,7 @@ layer spec runs everywhere; the Transformer Engine spec (`layer_spec="te"`) is i
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,12 @@ from megatron_s2l.learner.cpu_shims import apply_cpu_shims
 from megatron_s2l.learner.fp8 import fp8_transformer_fields, require_transformer_engine
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_parallel(parallel: ParallelConfig, seed: int) -> None:
     """Initialise torch.distributed (from torchrun's env, or a single process) and Megatron's groups.
 
@@ -30,7 +37,7 @@ def init_parallel(parallel: ParallelConfig, seed: int) -> None:
     apply_cpu_shims()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29512")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))  # a lone process: any free port
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

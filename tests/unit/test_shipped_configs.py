@@ -25,9 +25,13 @@ def test_the_paper_configs_are_shipped():
     assert set(PAPER) <= {path.name for path in CONFIGS}
 
 
+# demo.yaml leaves the model paths to the demo's family builder (megatron_s2l.demo.prepare_demo).
+FILLED_IN = {"demo.yaml": ["learner.hf_path=runs/demo_family/x/learner", "explorer.hf_path=runs/demo_family/x/explorer"]}
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_config_validates(path):
-    S2LConfig.from_yaml(path).validate()
+    S2LConfig.from_yaml(path, FILLED_IN.get(path.name, [])).validate()
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
