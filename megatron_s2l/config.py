@@ -425,6 +425,11 @@ def _coerce(hint, value, at: str):
         return _coerce(next(a for a in args if a is not type(None)), value, at)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not
                                                 (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{at}={value!r}: expected {hint.__name__}")

@@ -58,8 +58,9 @@ def test_unknown_names_and_wrong_types_fail_while_parsing(data, expected):
 
 
 def test_overrides_parse_yaml_values_into_nested_sections():
-    data = apply_overrides({"schedule": {"t_mix": 8}}, ["schedule.t_mix=4", "loss.dual_clip=3", "explorer.hf_path=/x"])
+    data = apply_overrides({"schedule": {"t_mix": 8}}, ["schedule.t_mix=4", "loss.dual_clip=3", "explorer.hf_path=/x",
+                                                        "optim.lr=1e-4"])
     cfg = S2LConfig.from_dict(data)
-    assert (cfg.schedule.t_mix, cfg.loss.dual_clip, cfg.explorer.hf_path) == (4, 3.0, "/x")
+    assert (cfg.schedule.t_mix, cfg.loss.dual_clip, cfg.explorer.hf_path, cfg.optim.lr) == (4, 3.0, "/x", 1e-4)
     with pytest.raises(ConfigError, match="expected dotted.key=value"):
         apply_overrides({}, ["schedule.t_mix"])
