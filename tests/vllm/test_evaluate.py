@@ -1,7 +1,10 @@
 """tools/evaluate.py end to end on real vLLM (CPU): two tiny random models compared on a task benchmark."""
 
 import json
+import subprocess
+import sys
 from math import comb
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +69,20 @@ def test_compare_run_and_resume(setup, capsys):
     samples.write_text("".join(full.splitlines(keepends=True)[:3]))
     cli.main(argv(root, bench, labels=("learner",)))
     assert samples.read_text() == full
+
+
+def test_a_megatron_checkpoint_evaluates_like_its_hf_model(setup, tmp_path):
+    """--model may be a Megatron checkpoint: converted to HF first, it samples exactly what the HF model does."""
+    root, bench, _ = setup
+    tools = Path(cli.__file__).resolve().parent
+    checkpoint = tmp_path / "learner_mcore"
+    subprocess.run([sys.executable, str(tools / "convert_hf_to_megatron.py"), "--hf-dir", str(root / "learner"),
+                    "--save-dir", str(checkpoint)], check=True, timeout=300)
+    common = ["--bench", str(bench), "--k", str(K), "--max-new-tokens", "12", "--max-model-len", "128",
+              "--kv-cache-mb", "64", "--dtype", "float32", "--max-prompt-length", "64"]
+    cli.main(["--model", str(root / "learner"), "--out", str(tmp_path / "from_hf"), *common])
+    cli.main(["--model", str(checkpoint), "--hf-config", str(root / "learner"), "--tokenizer-dir",
+              str(root / "learner"), "--out", str(tmp_path / "from_mcore"), *common])
+    from_hf = (tmp_path / "from_hf" / "samples.jsonl").read_text()
+    from_mcore = (tmp_path / "from_mcore" / "samples.jsonl").read_text()
+    assert from_mcore == from_hf and from_hf
