@@ -126,6 +126,7 @@ def family_passk(spec: FamilySpec, out: Path, tokenizer: Tokenizer) -> dict[str,
         served = VLLMEngine(str(out / name), engine, source="learner", model_id=name, eos_token_id=tokenizer.eos_id)
         results[name] = evaluate(served, benchmark, out / "passk" / name, k=spec.passk_samples, sampling=sampling,
                                  decode=tokenizer.decode, settings={"model": name})
+        served.close()  # before the next engine starts: a late teardown would reset that engine's groups
     paths = write_comparison(results, out / "passk")
     print(paths["table"].read_text())
     return results

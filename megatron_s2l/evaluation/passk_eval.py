@@ -160,8 +160,11 @@ def evaluate_model_dir(model_dir: str | Path, benchmark_files: Mapping[str, str 
     settings = {"model": label, "model_dir": str(model_dir), "template": template,
                 "benchmark_files": {name: str(path) for name, path in benchmark_files.items()}}
     served = VLLMEngine(str(model_dir), engine, source="learner", model_id=label, eos_token_id=tokenizer.eos_id)
-    return evaluate(served, benchmarks, out_dir, k=k, sampling=sampling, decode=tokenizer.decode,
-                    settings=settings, seed=seed)
+    try:
+        return evaluate(served, benchmarks, out_dir, k=k, sampling=sampling, decode=tokenizer.decode,
+                        settings=settings, seed=seed)
+    finally:  # now, not whenever the garbage collector finds it: its teardown resets vLLM's process groups,
+        served.close()  # which would break the next engine (the next model of a --compare) mid-run
 
 
 def passk_table(results: Mapping[str, dict]) -> str:
