@@ -87,6 +87,7 @@ def matmul_params(hf_path: str) -> int:
 
 def run_one(method: str, seed: int, steps: int, hot_temperature: float, overrides: list[str], out: Path) -> dict:
     """Worker: train one method with one seed in this process; write and return its per-step record."""
+    from megatron_s2l.algo.rewards import MathScorer
     from megatron_s2l.config import S2LConfig
     from megatron_s2l.data.prompts import prompts_from_config
     from megatron_s2l.data.tokenizer import load_tokenizer
@@ -109,7 +110,7 @@ def run_one(method: str, seed: int, steps: int, hot_temperature: float, override
     rollout = MeteredRollout(build_rollout_phase(sampled, tokenizer))
     held_out = prompts_from_config(cfg.data, tokenizer, "eval").prompts
     started = time.time()
-    initial = evaluate_learner(cfg, rollout, held_out, tokenizer, step=0)
+    initial = evaluate_learner(cfg, rollout, held_out, tokenizer, MathScorer(), step=0)
     result = train(cfg, rollout)
     record = {
         "method": method, "seed": seed, "steps": steps, "seconds": round(time.time() - started, 1),

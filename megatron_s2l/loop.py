@@ -55,6 +55,7 @@ def train(cfg: S2LConfig, rollout: RolloutHook | None = None) -> TrainResult:
     if start > 1:  # the engine was started from the initial weights
         rollout.sync_weights(export_hf_weights(learner.model_chunks, cfg.learner))
     held_out = prompts_from_config(cfg.data, tokenizer, "eval").prompts if cfg.logging.eval_interval else []
+    eval_scorer = MathScorer() if held_out else None  # one verifier worker for every evaluation of the run
     writer = _tensorboard(cfg)
     result = TrainResult(last_step=start - 1)
     bar = tqdm(range(start, cfg.train_steps + 1), desc="S2L-PO", initial=start - 1, total=cfg.train_steps,
@@ -62,7 +63,7 @@ def train(cfg: S2LConfig, rollout: RolloutHook | None = None) -> TrainResult:
     for step in bar:
         metrics = train_step(cfg, step, stream.next_batch(cfg.prompts_per_step), rollout, learner, tokenizer.pad_id)
         if held_out and step % cfg.logging.eval_interval == 0:
-            metrics.update(evaluate_learner(cfg, rollout, held_out, tokenizer, step))
+            metrics.update(evaluate_learner(cfg, rollout, held_out, tokenizer, eval_scorer, step))
         result.history.append(metrics)
         result.last_step = step
         if step % cfg.logging.log_interval == 0:
@@ -160,14 +161,14 @@ def build_rollout_phase(cfg: S2LConfig, tokenizer: PromptTokenizer) -> RolloutPh
 
 
 def evaluate_learner(cfg: S2LConfig, rollout: RolloutHook, prompts: list[Prompt], tokenizer: PromptTokenizer,
-                     step: int) -> dict[str, float]:
+                     scorer: MathScorer, step: int) -> dict[str, float]:
     """pass@1..k of the learner's engine on the held-out prompts (`logging.eval_*`)."""
     engine = rollout.mixer.engines["learner"]
     if cfg.logging.eval_max_problems:
         prompts = prompts[:cfg.logging.eval_max_problems]
     k = cfg.logging.eval_samples
     results = evaluate_prompts(engine, prompts, k=k, sampling=cfg.learner_sampling, decode=tokenizer.decode,
-                               scorer=MathScorer(), seed=cfg.seed + step)
+                               scorer=scorer, seed=cfg.seed + step)
     summary = passk_summary(results, k)
     return {f"eval/pass@{j}": v for j, v in summary["pass@k"].items()} | {"eval/mean_reward": summary["mean_reward"]}
 
