@@ -18,6 +18,10 @@ forms the gradient of its own slice,
     d logp / d x_v = onehot_v(target) - p_v
     d H    / d x_v = -p_v (x_v - E_p[x])
 
+With `vocab_size` set, ids >= vocab_size are padding rows (Megatron pads the vocabulary to a multiple of
+TP): each shard reads only its columns below `vocab_size`, so padded logits never enter m, S or E and
+their gradient is zero, exactly as if the logits ended at the true vocabulary.
+
 Math is fp32 whatever the logits' dtype. Tokens are processed `chunk_size` at a time in forward and
 again (recomputing the softmax) in backward, in one or two fp32 [chunk, V/TP] buffers reused by
 every chunk; beyond them only the gradient itself, [B, T, V/TP] in the logits' dtype, is allocated.
@@ -50,22 +54,25 @@ def _workspace(logits: Tensor, chunk_size: Optional[int], with_entropy: bool) ->
 
 
 def _forward_chunk(x: Tensor, targets: Tensor, group, vocab_start: int, work: Tensor, with_entropy: bool):
-    """Statistics of one chunk of tokens: x [n, V_local] any dtype, targets [n] global ids, work the
-    chunk's scratch [1 or 2, n, V_local].
+    """Statistics of one chunk of tokens: x [n, V_valid] any dtype (this shard's real, unpadded columns;
+    possibly none), targets [n] global ids, work the chunk's scratch [1 or 2, n, >= V_valid].
 
     Returns logp [n], entropy [n] or None, and what the backward needs: m [n], log S [n], E [n] or
     None, and how many shards own each target [n] (1 everywhere for valid targets).
     """
-    z = work[0].copy_(x)  # [n, V_local] fp32 x
-    m = z.max(dim=-1).values  # [n]
+    v_valid = x.shape[-1]
+    z = work[0, :, :v_valid].copy_(x)  # [n, V_valid] fp32 x
+    # A shard holding only padding contributes -inf to the max and nothing to the sums.
+    m = z.max(dim=-1).values if v_valid else z.new_full(z.shape[:1], float("-inf"))  # [n]
     if _shards(group):
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    z.sub_(m.unsqueeze(-1))  # [n, V_local] x - m <= 0
+    z.sub_(m.unsqueeze(-1))  # [n, V_valid] x - m <= 0
     local = targets - vocab_start  # [n]
-    owned = (local >= 0) & (local < x.shape[-1])  # [n]
-    z_target = z.gather(-1, local.clamp(0, x.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)  # [n]
+    owned = (local >= 0) & (local < v_valid)  # [n]
+    z_target = (z.gather(-1, local.clamp(0, v_valid - 1).unsqueeze(-1)).squeeze(-1) if v_valid
+                else torch.zeros_like(m))  # [n]
     if with_entropy:
-        e = torch.exp(z, out=work[1])  # [n, V_local]
+        e = torch.exp(z, out=work[1, :, :v_valid])  # [n, V_valid]
         rows = [e.sum(dim=-1), e.mul_(z).sum(dim=-1)]  # 2 x [n] sum_v e_v and sum_v e_v z_v
     else:
         rows = [z.exp_().sum(dim=-1)]  # [n]
@@ -80,10 +87,11 @@ def _forward_chunk(x: Tensor, targets: Tensor, group, vocab_start: int, work: Te
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
-    """Log-probs (and entropy) of flattened tokens; logits [N, V_local], targets [N]."""
+    """Log-probs (and entropy) of flattened tokens; logits [N, V_local], targets [N]; only the first
+    `v_valid` columns of the shard are vocabulary (the rest is padding)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, group, vocab_start, chunk_size, with_entropy):
+    def forward(ctx, logits, targets, group, vocab_start, v_valid, chunk_size, with_entropy):
         n = logits.shape[0]
         logp = logits.new_empty(n, dtype=torch.float32)  # [N]
         entropy = logits.new_empty(n if with_entropy else 0, dtype=torch.float32)  # [N] or [0]
@@ -93,55 +101,59 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         work = _workspace(logits, chunk_size, with_entropy)  # [1 or 2, chunk, V_local]
         for a, b in _chunks(n, chunk_size):
             lp, h, m[a:b], log_s[a:b], ex, owners[a:b] = _forward_chunk(
-                logits[a:b], targets[a:b], group, vocab_start, work[:, :b - a], with_entropy)
+                logits[a:b, :v_valid], targets[a:b], group, vocab_start, work[:, :b - a], with_entropy)
             logp[a:b] = lp
             if with_entropy:
                 entropy[a:b], expectation[a:b] = h, ex
         # One host sync per call, not per chunk: every rank sees the same reduced counts.
         if n and not bool((owners == 1).all()):
             bad = targets[owners != 1].unique()[:5].tolist()
-            raise ValueError(f"targets {bad}: not in the vocabulary (each target must be a global id owned by "
-                             f"exactly one shard [vocab_start, vocab_start + V_local)); mask them by replacing "
-                             f"them with a valid id such as the pad id")
+            raise ValueError(f"targets {bad}: not in the vocabulary (each target must be a global id below "
+                             f"vocab_size owned by exactly one shard [vocab_start, vocab_start + V_local)); mask "
+                             f"them by replacing them with a valid id such as the pad id")
         ctx.save_for_backward(logits, targets, m, log_s, expectation)
-        ctx.vocab_start, ctx.chunk_size, ctx.with_entropy = vocab_start, chunk_size, with_entropy
+        ctx.vocab_start, ctx.v_valid = vocab_start, v_valid
+        ctx.chunk_size, ctx.with_entropy = chunk_size, with_entropy
         return (logp, entropy) if with_entropy else logp
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy=None):
         logits, targets, m, log_s, expectation = ctx.saved_tensors
         grad = torch.empty_like(logits)  # [N, V_local] in the logits' dtype
-        v_local = logits.shape[-1]
+        v_valid = ctx.v_valid
+        grad[:, v_valid:] = 0  # padded columns are outside the softmax
         log_z = (m + log_s).unsqueeze(-1)  # [N, 1] global log partition function
         centre = (expectation - log_s).unsqueeze(-1) if ctx.with_entropy else None  # [N, 1] E_p[x] - log Z
         work = _workspace(logits, ctx.chunk_size, ctx.with_entropy)  # [1 or 2, chunk, V_local]
         for a, b in _chunks(logits.shape[0], ctx.chunk_size):
-            z = work[0, :b - a].copy_(logits[a:b]).sub_(log_z[a:b])  # [n, V_local] x - log Z = log p
+            z = work[0, :b - a, :v_valid].copy_(logits[a:b, :v_valid]).sub_(log_z[a:b])  # [n, V_valid] log p
             g = grad_logp[a:b].unsqueeze(-1)  # [n, 1]
             if ctx.with_entropy:
-                p = torch.exp(z, out=work[1, :b - a])  # [n, V_local] softmax over the full vocabulary
+                p = torch.exp(z, out=work[1, :b - a, :v_valid])  # [n, V_valid] softmax over the full vocabulary
                 # -p (g_logp + g_H (x - E_p[x])), formed in place in z
                 coef = z.sub_(centre[a:b]).mul_(grad_entropy[a:b].unsqueeze(-1)).add_(g)
                 p.mul_(coef).neg_()
             else:
-                p = z.exp_().mul_(-g)  # [n, V_local] -g softmax
+                p = z.exp_().mul_(-g)  # [n, V_valid] -g softmax
             local = targets[a:b] - ctx.vocab_start  # [n]
-            owned = (local >= 0) & (local < v_local)  # [n]
+            owned = (local >= 0) & (local < v_valid)  # [n]
             rows = torch.arange(b - a, device=logits.device)[owned]  # [n_owned]
             p[rows, local[owned]] += grad_logp[a:b][owned]  # the one-hot term of the target's owner
-            grad[a:b] = p
-        return grad, None, None, None, None, None
+            grad[a:b, :v_valid] = p
+        return grad, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(logits: Tensor, targets: Tensor, *, group: Optional[dist.ProcessGroup] = None,
-                            vocab_start: int = 0, chunk_size: Optional[int] = None,
+                            vocab_start: int = 0, vocab_size: Optional[int] = None, chunk_size: Optional[int] = None,
                             with_entropy: bool = False) -> tuple[Tensor, Optional[Tensor]]:
     """Per-token log p(target) and entropy of the softmax over the full (sharded) vocabulary.
 
     logits: [B, T, V_local], this rank's vocabulary slice [vocab_start, vocab_start + V_local), any
     float dtype (the math is fp32). targets: [B, T] global token ids, each owned by exactly one shard.
     group: the tensor-parallel process group over which the vocabulary is split; None (or a group of
-    one) means the logits hold the whole vocabulary. chunk_size: tokens processed at a time (None: all
+    one) means the logits hold the whole vocabulary. vocab_size: the true vocabulary size when the
+    sharded logits are padded past it (None: no padding); padded columns are left out of the softmax,
+    as if they were -inf, and get zero gradient. chunk_size: tokens processed at a time (None: all
     at once); bounds the fp32 work space to a few [chunk_size, V_local] tensors in forward and backward.
     Returns log-probs [B, T] fp32 and entropy [B, T] fp32 (None unless `with_entropy`), both
     differentiable w.r.t. `logits`. Collective over `group`: every rank must call it with its shard.
@@ -157,9 +169,12 @@ def vocab_parallel_logprobs(logits: Tensor, targets: Tensor, *, group: Optional[
         raise ValueError(f"chunk_size={chunk_size}: must be >= 1 (tokens per chunk) or None (no chunking)")
     if vocab_start < 0:
         raise ValueError(f"vocab_start={vocab_start}: must be >= 0 (the first global id of this shard)")
+    if vocab_size is not None and vocab_size < 1:
+        raise ValueError(f"vocab_size={vocab_size}: must be >= 1 (the true, unpadded vocabulary size) or None")
     batch, seq, v_local = logits.shape
+    v_valid = v_local if vocab_size is None else min(max(vocab_size - vocab_start, 0), v_local)
     out = _VocabParallelLogprobs.apply(logits.reshape(batch * seq, v_local), targets.reshape(-1), group,
-                                       vocab_start, chunk_size, with_entropy)
+                                       vocab_start, v_valid, chunk_size, with_entropy)
     if with_entropy:
         logp, entropy = out
         return logp.view(batch, seq), entropy.view(batch, seq)

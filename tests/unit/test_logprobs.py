@@ -83,6 +83,25 @@ def test_shard_offset_and_unowned_targets():
         vocab_parallel_logprobs(logits, targets, vocab_start=5)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_padded_columns_are_outside_the_softmax(chunk_size):
+    # 37 real ids padded to 48 columns; the padding holds large logits that would dominate a plain softmax.
+    logits, targets, (g_logp, g_entropy) = _inputs(vocab=37, seed=5)
+    padded = torch.cat([logits, torch.full((3, 7, 11), 30.0)], dim=-1).requires_grad_()  # [B, T, 48]
+    logp, entropy = vocab_parallel_logprobs(padded, targets, vocab_size=37, chunk_size=chunk_size,
+                                            with_entropy=True)
+    (logp * g_logp + entropy * g_entropy).sum().backward()
+    ref = logits.double().requires_grad_()
+    ref_logp, ref_entropy = reference(ref, targets)
+    (ref_logp * g_logp + ref_entropy * g_entropy).sum().backward()
+    torch.testing.assert_close(logp.double(), ref_logp.detach(), atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(entropy.double(), ref_entropy.detach(), atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(padded.grad[..., :37].double(), ref.grad, atol=2e-6, rtol=1e-5)
+    assert torch.equal(padded.grad[..., 37:], torch.zeros(3, 7, 11))
+    with pytest.raises(ValueError, match=r"targets \[40\]: not in the vocabulary"):  # a padded id is no token
+        vocab_parallel_logprobs(padded, torch.full_like(targets, 40), vocab_size=37)
+
+
 def test_a_group_of_one_is_a_single_shard():
     # A real (size-1) process group must take the no-communication path, not a collective.
     if not torch.distributed.is_available() or torch.distributed.is_initialized():
@@ -104,6 +123,7 @@ def test_a_group_of_one_is_a_single_shard():
     (dict(targets=torch.zeros(2, 3)), "torch.long"),
     (dict(chunk_size=0), "chunk_size=0"),
     (dict(vocab_start=-1), "vocab_start=-1"),
+    (dict(vocab_size=0), "vocab_size=0"),
 ])
 def test_bad_arguments(kwargs, match):
     args = dict(logits=torch.zeros(2, 3, 5), targets=torch.zeros(2, 3, dtype=torch.long)) | kwargs
