@@ -243,11 +243,19 @@ class OptimConfig:
     micro_batch_size: int = 4  # sequences per forward/backward
     logprob_chunk_size: int = 1024  # tokens per vocab-parallel log-prob chunk: the fp32 scratch is about
     # chunk x vocab/TP floats; 0: a whole micro-batch at once
+    pack_sequences: bool = False  # pack several sequences into each row instead of padding every sequence
+    # to the micro-batch's longest (block-diagonal attention; THD PackedSeqParams with the TE layer spec);
+    # micro_batch_size then counts packed rows
+    pack_row_tokens: int = 0  # token budget of one packed row; 0: the longest sequence of the batch shard
+    # (a packed row is then never longer than a padded one); a longer sequence gets a row of its own
 
     def validate(self, at: str) -> list[str]:
         errors = _positive(self, at, "lr", "ppo_epochs", "mini_batch_prompts", "micro_batch_size")
         if self.logprob_chunk_size < 0:
             errors.append(f"{at}.logprob_chunk_size={self.logprob_chunk_size}: must be >= 0 (0: no chunking)")
+        if self.pack_row_tokens < 0:
+            errors.append(f"{at}.pack_row_tokens={self.pack_row_tokens}: must be >= 0 (0: the longest sequence "
+                          f"of the batch shard)")
         if not 0 <= self.min_lr <= self.lr:
             errors.append(f"{at}.min_lr={self.min_lr}: must be in [0, {at}.lr={self.lr}]")
         if self.lr_warmup_steps < 0:

@@ -7,8 +7,15 @@ vocab-parallel logits on the last pipeline stage (`algo.logprobs`), the loss fro
 
 Data layout: every rank passes the same full batch. Rows are sharded over data-parallel ranks (by whole
 groups for training), each shard is cut into micro-batches of `optim.micro_batch_size` sequences trimmed
-to their longest masked position. Losses are scaled so that the gradient equals the single-process
-gradient of the whole mini-batch objective whatever the micro-batching and DP size.
+to their longest masked position. With `optim.pack_sequences` each sequence is cut at its own last
+masked position instead and several share a row (`learner.packing`): micro-batches of
+`optim.micro_batch_size` packed rows, attention kept within each sequence by a block-diagonal mask (local
+layer spec) or THD `PackedSeqParams` (Transformer Engine spec); log-probs are unpacked to one row per
+sequence before any loss, so the loss code never sees packing. Losses are scaled so that the gradient
+equals the single-process gradient of the whole mini-batch objective whatever the micro-batching,
+packing and DP size. PPO epochs after the first visit the mini-batches' groups in a new order drawn from
+the Learner's seed and its optimizer-step count (restored with a checkpoint, so a resumed run reshuffles
+alike).
 """
 
 from __future__ import annotations
@@ -16,14 +23,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_s2l.algo.logprobs import vocab_parallel_logprobs
@@ -31,9 +40,12 @@ from megatron_s2l.algo.loss import accumulate_metrics, all_reduce_metrics, final
 from megatron_s2l.config import FP8Config, LossConfig, ModelConfig, OptimConfig, ParallelConfig
 from megatron_s2l.learner.hf_weights import load_hf_weights
 from megatron_s2l.learner.model import build_model, init_parallel, transformer_config
+from megatron_s2l.learner.packing import PackedMicroBatch, block_causal_mask, cu_seqlens, pack, plan_packing, \
+    segment_ids, unpack
 from megatron_s2l.types import TrainBatch
 
-MicroBatch = dict[str, torch.Tensor]
+# tensors by name ("rows": the shard rows it holds; "packing": a PackedMicroBatch when packed)
+MicroBatch = dict[str, Any]
 
 
 class Learner:
@@ -48,7 +60,7 @@ class Learner:
         params_dtype = getattr(torch, model.params_dtype)
         self.config = transformer_config(model, parallel, fp8, params_dtype=params_dtype)
         init_parallel(parallel, seed)
-        self.model, self.optim, self.loss_kwargs = model, optim, dataclasses.asdict(loss)
+        self.model, self.optim, self.loss_kwargs, self.seed = model, optim, dataclasses.asdict(loss), seed
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.variable_seq_lengths = True  # micro-batches are trimmed to their own length (PP p2p)
         self.device = torch.device(torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -93,7 +105,7 @@ class Learner:
         """Per-token log-probs [B, L-1] fp32 of `batch.tokens` under the policy (or the reference).
 
         The same full tensor is returned on every rank. Positions after a micro-batch's last masked
-        position are 0 (those tokens are never scored).
+        position (packed: after the sequence's own last masked position) are 0: never scored.
         """
         if reference and not self.reference_chunks:
             raise ValueError("logprobs(reference=True): this Learner was built with with_reference=False")
@@ -106,10 +118,8 @@ class Learner:
         outputs = self._schedule(chunks, micro, self._logprob_output, forward_only=True) if micro else []
         local = torch.zeros(len(rows), batch.tokens.shape[1] - 1, device=self.device)  # [b, L-1]
         if parallel_state.is_pipeline_last_stage():
-            start = 0
-            for logprobs in outputs:  # [m, T] each
-                local[start:start + logprobs.shape[0], :logprobs.shape[1]] = logprobs
-                start += logprobs.shape[0]
+            for part, logprobs in zip(micro, outputs):  # [m, T] each
+                local[part["rows"], :logprobs.shape[1]] = logprobs
         dist.broadcast(local, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
         return _gather_data_parallel_rows(local, batch.size).cpu()
@@ -119,9 +129,10 @@ class Learner:
 
         `batch.advantages` and `batch.old_logprobs` must be set (and `ref_logprobs` when the loss has a
         KL term). `max_response_len` is Dr.GRPO's constant (pass the generation budget; default: the
-        longest response in `batch`). Returns the metrics of `algo.loss` plus `grad_norm`, averaged over
-        the optimizer steps taken, the last `lr`, `skipped_steps` (steps whose loss or gradient was not
-        finite: no update) and `optimizer_steps`.
+        longest response in `batch`). Epoch 0 takes the groups in batch order; every later epoch in a
+        new order (`_epoch_group_order`). Returns the metrics of `algo.loss` plus `grad_norm`, averaged
+        over the optimizer steps taken, the last `lr`, `skipped_steps` (steps whose loss or gradient was
+        not finite: no update) and `optimizer_steps`.
         """
         if batch.advantages is None or batch.old_logprobs is None:
             raise ValueError("Learner.train: batch.advantages and batch.old_logprobs must be set "
@@ -132,8 +143,10 @@ class Learner:
         max_response_len = max_response_len or max(1, int(batch.response_mask.sum(1).max()))
         totals: dict[str, float] = {}
         steps = skipped = 0
-        for _ in range(self.optim.ppo_epochs):
-            for mini_batch in _mini_batches(batch, self.optim.mini_batch_prompts):
+        shuffle_seed = (self.seed, self.scheduler.num_steps)  # drawn before this call's steps: resumes alike
+        for epoch in range(self.optim.ppo_epochs):
+            order = _epoch_group_order(batch.group_index, epoch, shuffle_seed)
+            for mini_batch in _mini_batches(batch, order, self.optim.mini_batch_prompts):
                 metrics = self._step_on(mini_batch, functools.partial(self._grpo_output,
                                                                       max_response_len=max_response_len))
                 if metrics is None:
@@ -203,11 +216,22 @@ class Learner:
     # -- per-micro-batch outputs on the last pipeline stage ---------------------------------------------
 
     def _token_logprobs(self, micro: MicroBatch, logits: torch.Tensor, with_entropy: bool = False):
-        """Log-probs (and entropy) [m, T] of the micro-batch targets from vocab-parallel `logits` [m, T, V/TP]."""
+        """Log-probs (and entropy) [m, T] of the micro-batch targets from vocab-parallel `logits` [m, T, V/TP].
+
+        Packed micro-batches are scored on their [R, T] rows (THD logits arrive as [1, R*T, V/TP]) and
+        returned unpacked, one row per sequence, aligned with `micro["mask"]`.
+        """
+        targets = micro["targets"]  # [m, T] or packed [R, T]
+        logits = logits.reshape(*targets.shape, logits.shape[-1])  # [m, T, V/TP]
         vocab_start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]  # equal shards
-        return vocab_parallel_logprobs(logits, micro["targets"], vocab_start=vocab_start, with_entropy=with_entropy,
-                                       group=parallel_state.get_tensor_model_parallel_group(),
-                                       chunk_size=self.optim.logprob_chunk_size or None)
+        logprobs, entropy = vocab_parallel_logprobs(
+            logits, targets, vocab_start=vocab_start, with_entropy=with_entropy,
+            group=parallel_state.get_tensor_model_parallel_group(), chunk_size=self.optim.logprob_chunk_size or None)
+        packing = micro.get("packing")
+        if packing is None:
+            return logprobs, entropy
+        length = micro["mask"].shape[1]
+        return unpack(logprobs, packing, length), None if entropy is None else unpack(entropy, packing, length)
 
     def _logprob_output(self, micro: MicroBatch, logits: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
         # forward-only schedules call this with non_loss_data=True and store what it returns
@@ -234,27 +258,52 @@ class Learner:
 
     def _micro_batches(self, tokens: torch.Tensor, mask: torch.Tensor,
                        extras: dict[str, torch.Tensor]) -> list[MicroBatch]:
-        """Split rows into micro-batches, each trimmed to its last masked position (at least one token)."""
+        """Split rows into micro-batches, each trimmed to its last masked position (at least one token).
+
+        Padded: `micro_batch_size` consecutive rows. Packed: the sequences of `micro_batch_size` packed
+        rows (`plan_packing`), with the packed model inputs and the plan that unpacks the outputs.
+        """
+        positions = torch.arange(mask.shape[1])  # [L-1]
+        lengths = torch.where(mask, positions, 0).max(1).values + 1  # [b] through each row's last masked token
+        if self.optim.pack_sequences:
+            plans = plan_packing(lengths, self.optim.pack_row_tokens or int(lengths.max()),
+                                 self.optim.micro_batch_size)
+            parts = [(plan.sequences, plan) for plan in plans]
+        else:
+            parts = [(torch.arange(start, min(start + self.optim.micro_batch_size, len(lengths))), None)
+                     for start in range(0, len(lengths), self.optim.micro_batch_size)]
         micro = []
-        for start in range(0, tokens.shape[0], self.optim.micro_batch_size):
-            part = slice(start, start + self.optim.micro_batch_size)
-            scored = mask[part].any(0).nonzero()
-            length = int(scored.max()) + 1 if len(scored) else 1
-            batch = {"tokens": tokens[part, :length], "targets": tokens[part, 1:length + 1],  # [m, T] each
-                     "mask": mask[part, :length]}
-            for name, value in extras.items():
-                batch[name] = value[part, :length] if value.dim() == 2 else value[part]
+        for rows, plan in parts:
+            length = int(lengths[rows].max())
+            batch = {"rows": rows, "tokens": tokens[rows, :length], "targets": tokens[rows, 1:length + 1],  # [m, T]
+                     "mask": mask[rows, :length]}
+            batch.update({name: value[rows, :length] if value.dim() == 2 else value[rows]
+                          for name, value in extras.items()})
+            if plan is not None:
+                batch |= {"tokens": pack(batch["tokens"], plan), "targets": pack(batch["targets"], plan),  # [R, T]
+                          "positions": pack(positions[:length].expand(len(rows), length), plan),  # [R, T]
+                          "packing": plan}
             micro.append({name: value.to(self.device) for name, value in batch.items()})
         return micro
+
+    def _forward(self, model, micro: MicroBatch) -> torch.Tensor:
+        """The model on one micro-batch: padded rows, or packed rows kept apart per sequence."""
+        tokens = micro["tokens"]  # [m, T] or packed [R, T]
+        packing = micro.get("packing")
+        if packing is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)  # [m, T]
+            return model(tokens, positions, None)
+        if self.model.layer_spec == "te":
+            return _forward_thd(model, tokens, micro["positions"], segment_ids(packing))
+        # megatron-core's local attention refuses PackedSeqParams but honours an explicit mask
+        return model(tokens, micro["positions"], block_causal_mask(segment_ids(packing)))
 
     def _schedule(self, chunks: list, micro: list[MicroBatch], output_fn: Callable, *, forward_only: bool) -> list:
         """Run megatron's forward(-backward) schedule; returns the last stage's per-micro-batch outputs."""
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
-            tokens = batch["tokens"]  # [m, T]
-            positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)  # [m, T]
-            return model(tokens, positions, None), functools.partial(output_fn, batch)
+            return self._forward(model, batch), functools.partial(output_fn, batch)
 
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(micro), model=chunks, num_microbatches=len(micro),
@@ -281,11 +330,36 @@ def _gather_data_parallel_rows(local: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([part[:count] for part, count in zip(gathered, counts)])
 
 
-def _mini_batches(batch: TrainBatch, prompts: int) -> list[TrainBatch]:
-    """Consecutive mini-batches of `prompts` whole groups each (the last one may hold fewer)."""
-    groups = batch.group_index.unique()  # sorted
-    return [batch.select(torch.isin(batch.group_index, groups[start:start + prompts]))
-            for start in range(0, len(groups), prompts)]
+def _forward_thd(model, tokens: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Packed rows [R, T] through Transformer Engine attention as one THD sequence of R*T tokens.
+
+    Every segment (a sequence or a row's padding tail) is its own attention window and RoPE restarts
+    at each (megatron applies it per `cu_seqlens`). Returns what the model returns: on the last stage,
+    logits [1, R*T, V/TP].
+    """
+    bounds, longest = cu_seqlens(segments)  # [S+1] int32
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds,
+                             max_seqlen_q=longest, max_seqlen_kv=longest)
+    return model(tokens.reshape(1, -1), positions.reshape(1, -1), None, packed_seq_params=params)
+
+
+def _epoch_group_order(group_index: torch.Tensor, epoch: int, seed: tuple[int, int]) -> torch.Tensor:
+    """The groups of `group_index` [B] in the order PPO epoch `epoch` visits them.
+
+    Epoch 0: ascending (batch order). Later epochs: a permutation drawn from (`seed`, `epoch`) alone,
+    the same on every rank and after a resume.
+    """
+    groups = group_index.unique()  # sorted
+    if epoch == 0:
+        return groups
+    permutation = np.random.default_rng([*seed, epoch]).permutation(len(groups))
+    return groups[torch.from_numpy(permutation)]
+
+
+def _mini_batches(batch: TrainBatch, order: torch.Tensor, prompts: int) -> list[TrainBatch]:
+    """Mini-batches of `prompts` whole groups each, taken in `order` (the last one may hold fewer)."""
+    return [batch.select(torch.isin(batch.group_index, order[start:start + prompts]))
+            for start in range(0, len(order), prompts)]
 
 
 def _group_shard(group_index: torch.Tensor) -> torch.Tensor:
