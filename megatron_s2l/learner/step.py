@@ -56,6 +56,10 @@ class Learner:
 
     def __init__(self, model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, loss: LossConfig,
                  fp8: FP8Config, *, seed: int, with_reference: bool):
+        if optim.pack_sequences and model.layer_spec == "te" and model.params_dtype == "float32":
+            raise ValueError("optim.pack_sequences=True with learner.layer_spec='te' and learner.params_dtype="
+                             "'float32': Transformer Engine's packed (THD) attention has only bf16/fp16 backends; "
+                             "set learner.params_dtype='bfloat16', or optim.pack_sequences=false")
         # Built before any process group so that an impossible FP8/TE request fails at once.
         params_dtype = getattr(torch, model.params_dtype)
         self.config = transformer_config(model, parallel, fp8, params_dtype=params_dtype)

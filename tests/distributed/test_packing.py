@@ -187,3 +187,12 @@ def test_epoch_group_order_reshuffles_reproducibly():
     mini = _mini_batches(batch, torch.tensor(orders[1]), 2)
     assert [m.group_index.unique().tolist() for m in mini] == [sorted(orders[1][i:i + 2]) for i in (0, 2, 4)]
     assert sum(m.size for m in mini) == batch.size  # whole groups, each once
+
+
+def test_te_packing_in_fp32_is_refused_at_start_up():
+    """TE's THD attention has no FP32 backend: the Learner says so before building anything."""
+    from megatron_s2l.learner.step import Learner
+
+    te_model = dataclasses.replace(MODEL, layer_spec="te")
+    with pytest.raises(ValueError, match="learner.params_dtype='bfloat16'"):
+        Learner(te_model, ParallelConfig(), PACKED, LOSS, FP8Config(), seed=SEED, with_reference=False)

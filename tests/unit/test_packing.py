@@ -84,3 +84,12 @@ def test_plan_covers_every_sequence_once_and_respects_the_budget():
 def test_bad_budget_is_rejected():
     with pytest.raises(ValueError, match="row_tokens=0"):
         plan_packing(torch.tensor([1]), row_tokens=0, rows_per_micro_batch=1)
+
+
+def test_config_rejects_a_negative_row_budget():
+    from megatron_s2l.config import ConfigError, S2LConfig
+
+    base = {"explorer": {"source": "none"}}
+    with pytest.raises(ConfigError, match=r"optim.pack_row_tokens=-1: must be >= 0"):
+        S2LConfig.from_dict(base | {"optim": {"pack_sequences": True, "pack_row_tokens": -1}}).validate()
+    assert S2LConfig.from_dict(base | {"optim": {"pack_sequences": True}}).validate().optim.pack_row_tokens == 0

@@ -1,0 +1,118 @@
+"""Learner train-step and log-prob time with padded vs packed micro-batches (`optim.pack_sequences`), one process.
+
+A batch of --groups x --group-size sequences with the spread of RL rollouts: prompts of 32-96 tokens,
+response lengths log-normal (median --median-response, sigma 0.8, clipped to 8..--max-response), so a
+few long responses set the padded length of their micro-batch. Padded: --micro-batch-size sequences per
+micro-batch, trimmed to the longest. Packed: rows of at most the longest sequence of the batch (the
+`pack_row_tokens=0` default), --micro-batch-size rows per micro-batch, so a micro-batch never holds more
+token slots than a padded one. Both sides run the same Learner (local layer spec, FP32, TP=1) on the
+same weights; each measurement alternates padded and packed so drift on a shared machine hits both.
+
+Printed: token slots computed (padding included) and useful tokens, time of `Learner.logprobs` and of
+`Learner.train` (one optimizer step on the whole batch: forward, backward, Adam), tokens/s counting
+only real tokens, and packed / padded ratios. Times are medians over --repeats after one warm-up.
+Usage: OMP_NUM_THREADS=2 .venv/bin/python bench/bench_packing.py [--groups 4] [--group-size 8] [--hidden 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from megatron_s2l.config import FP8Config, LossConfig, ModelConfig, OptimConfig, ParallelConfig
+from megatron_s2l.learner.step import Learner
+from megatron_s2l.types import TrainBatch
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--groups", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--median-response", type=int, default=96)
+    parser.add_argument("--max-response", type=int, default=512)
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def make_batch(args: argparse.Namespace) -> TrainBatch:
+    """Random tokens with RL-like prompt and response lengths (see the module docstring)."""
+    g = torch.Generator().manual_seed(args.seed)
+    rows = args.groups * args.group_size
+    prompts = torch.randint(32, 97, (rows,), generator=g)  # [B]
+    responses = (args.median_response * torch.exp(0.8 * torch.randn(rows, generator=g))).round()  # [B]
+    responses = responses.long().clamp(8, args.max_response)  # [B]
+    length = int((prompts + responses).max())
+    tokens = torch.randint(3, args.vocab, (rows, length), generator=g)  # [B, L]
+    mask = torch.zeros(rows, length - 1, dtype=torch.bool)  # [B, L-1]
+    for row, (prompt, response) in enumerate(zip(prompts.tolist(), responses.tolist())):
+        mask[row, prompt - 1:prompt - 1 + response] = True
+        tokens[row, prompt + response:] = 2  # pad
+    return TrainBatch(tokens=tokens, response_mask=mask, behaviour_logprobs=torch.zeros(rows, length - 1),
+                      is_explorer=torch.zeros(rows, dtype=torch.bool),
+                      group_index=torch.arange(rows) // args.group_size, rewards=torch.zeros(rows),
+                      advantages=torch.randn(rows, generator=g))
+
+
+def token_slots(learner: Learner, batch: TrainBatch) -> int:
+    """Positions the model computes for `batch` (real tokens plus padding) under the learner's micro-batching."""
+    micro = learner._micro_batches(batch.tokens, batch.response_mask, {})
+    return sum(part["tokens"].numel() for part in micro)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    args = parse_args()
+    model = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=3 * args.hidden,
+                        num_attention_heads=args.hidden // 64, num_query_groups=max(1, args.hidden // 128),
+                        kv_channels=64, vocab_size=args.vocab, max_position_embeddings=2048)
+    optim = OptimConfig(lr=1e-6, mini_batch_prompts=args.groups, micro_batch_size=args.micro_batch_size)
+    loss = LossConfig(kl_coef=0.0)
+    padded = Learner(model, ParallelConfig(), optim, loss, FP8Config(), seed=args.seed, with_reference=False)
+    packed = Learner(model, ParallelConfig(), dataclasses.replace(optim, pack_sequences=True), loss, FP8Config(),
+                     seed=args.seed, with_reference=False)
+    packed.model_chunks[0].load_state_dict(padded.model_chunks[0].state_dict())
+    batch = make_batch(args)
+    batch.old_logprobs = padded.logprobs(batch)
+    lengths = torch.where(batch.response_mask, torch.arange(batch.response_mask.shape[1]), 0).max(1).values + 1
+    useful = int(lengths.sum())
+    print(f"batch: {batch.size} sequences, {useful} tokens (longest {int(lengths.max())}, median "
+          f"{int(lengths.median())}); model {args.layers} layers x {args.hidden}, vocab {args.vocab}; "
+          f"{torch.get_num_threads()} threads")
+    times = {"padded": {"logprobs": [], "train": []}, "packed": {"logprobs": [], "train": []}}
+    sides = {"padded": padded, "packed": packed}
+    for repeat in range(args.repeats + 1):  # the first round warms up
+        for name, learner in sides.items():
+            logprob_s = timed(lambda: learner.logprobs(batch))
+            train_s = timed(lambda: learner.train(batch))
+            if repeat:
+                times[name]["logprobs"].append(logprob_s)
+                times[name]["train"].append(train_s)
+    print(f"{'':8} {'token slots':>12} {'pad frac':>9} {'logprobs s':>11} {'train s':>9} {'train tok/s':>12}")
+    medians = {}
+    for name, learner in sides.items():
+        slots = token_slots(learner, batch)
+        medians[name] = {kind: statistics.median(values) for kind, values in times[name].items()}
+        print(f"{name:8} {slots:>12} {1 - useful / slots:>9.3f} {medians[name]['logprobs']:>11.3f} "
+              f"{medians[name]['train']:>9.3f} {useful / medians[name]['train']:>12.0f}")
+    ratio = {kind: medians["packed"][kind] / medians["padded"][kind] for kind in ("logprobs", "train")}
+    print(f"packed / padded: token slots {token_slots(packed, batch) / token_slots(padded, batch):.3f}, "
+          f"logprobs time {ratio['logprobs']:.3f}, train time {ratio['train']:.3f}, "
+          f"train tokens/s {1 / ratio['train']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
