@@ -6,15 +6,20 @@ safetensors tensor at a time (each rank only those of its own stage); Megatron -
 output shard (`max_shard_bytes`) besides the model. Run with `torchrun --nproc_per_node=TP*PP` (or as
 one process for TP=PP=1). The optional Megatron-Bridge backend (`AutoBridge`) is imported only when
 asked for.
+
+Vocabulary padding: HF -> Megatron pads the embedding and output rows to a multiple of TP (x
+`make_vocab_size_divisible_by`, Megatron-LM's flag); Megatron -> HF reads the padded row count from the
+checkpoint's own metadata and writes back the HF config's `vocab_size` rows. Nothing else records it.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -23,7 +28,8 @@ from megatron.core import dist_checkpointing
 
 from megatron_s2l.config import LayerSpec, ModelConfig, ParallelConfig
 from megatron_s2l.learner.checkpoint import checkpoint_dir, latest_step, load_checkpoint, save_checkpoint
-from megatron_s2l.learner.hf_weights import load_hf_weights, model_config_from_hf, read_hf_state, save_hf_dir
+from megatron_s2l.learner.hf_weights import (EMBEDDING, load_hf_weights, model_config_from_hf, padded_vocab_size,
+                                             read_hf_state, save_hf_dir)
 from megatron_s2l.learner.model import build_model, init_parallel, transformer_config
 
 # Tokenizer files copied next to an exported model (whichever the tokenizer directory has).
@@ -34,20 +40,26 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def hf_to_megatron(hf_dir: str | Path, save_dir: str | Path, parallel: ParallelConfig, *,
-                   layer_spec: LayerSpec = "local") -> Path:
+                   layer_spec: LayerSpec = "local", make_vocab_size_divisible_by: int = 1) -> Path:
     """Convert the HF model in `hf_dir` into a model-only checkpoint (step 0) under `save_dir`.
 
     Collective: every one of the TP x PP ranks builds its stage at `parallel`'s layout, loads its shards
     and writes them, in float32 like the learner's parameters (bf16 weights convert exactly). The
-    checkpoint's state records the ModelConfig and the HF config/generation config,
-    so `megatron_to_hf` can write the model back without the original directory.
+    vocabulary is padded with zero rows to `padded_vocab_size(vocab_size, TP, make_vocab_size_divisible_by)`
+    (1: only as far as TP needs; Megatron-LM and Bridge use 128). The checkpoint's state records the HF
+    ModelConfig (true vocab_size) and the HF config/generation config, so `megatron_to_hf` can write the
+    model back without the original directory.
     """
     hf_dir = Path(hf_dir)
     cfg = dataclasses.replace(model_config_from_hf(hf_dir), layer_spec=layer_spec)
     if latest_step(save_dir) is not None:
         raise ValueError(f"--save-dir {save_dir} already holds a checkpoint (step {latest_step(save_dir)}); "
                          f"choose a new directory")
-    model = _build(cfg, parallel)
+    if make_vocab_size_divisible_by < 1:
+        raise ValueError(f"--make-vocab-size-divisible-by {make_vocab_size_divisible_by}: must be >= 1 (1 pads "
+                         f"the vocabulary only to a multiple of --tp; Megatron-LM's default is 128)")
+    padded = padded_vocab_size(cfg.vocab_size, parallel.tensor_model_parallel_size, make_vocab_size_divisible_by)
+    model = _build(dataclasses.replace(cfg, vocab_size=padded), parallel)
     load_hf_weights([model], cfg, read_hf_state(hf_dir), progress=dist.get_rank() == 0)
     state = {"model_config": dataclasses.asdict(cfg), "hf_config": _read_json(hf_dir / "config.json"),
              "generation_config": _read_json(hf_dir / "generation_config.json")}
@@ -62,7 +74,8 @@ def megatron_to_hf(load_dir: str | Path, out_dir: str | Path, parallel: Parallel
 
     The architecture comes from the checkpoint's state (checkpoints written by `hf_to_megatron`) or,
     for training checkpoints, from `hf_config_path` (the config.json of the model it started from);
-    the layer spec from `layer_spec`, else the one recorded in the checkpoint, else "local".
+    the layer spec from `layer_spec`, else the one recorded in the checkpoint, else "local". A padded
+    vocabulary (any number of rows at least the HF `vocab_size`) is cut back to `vocab_size` rows.
     `dtype` defaults to the original config.json's (float32 when unknown), so a bf16 model converted
     there and back is bit-identical. Tokenizer files (and generation_config.json when the checkpoint
     has none) are copied from `tokenizer_dir` if given.
@@ -71,9 +84,11 @@ def megatron_to_hf(load_dir: str | Path, out_dir: str | Path, parallel: Parallel
     cfg, original = _architecture(state, hf_config_path, load_dir)
     recorded_spec = state.get("model_config", {}).get("layer_spec", "local")
     cfg = dataclasses.replace(cfg, layer_spec=layer_spec or recorded_spec)
+    rows = _checked_vocab_rows(load_dir, cfg.vocab_size, parallel.tensor_model_parallel_size,
+                               hf_config_path or "the config recorded in the checkpoint")
     tokenizer_files = _tokenizer_files(Path(tokenizer_dir)) if tokenizer_dir is not None else []
     dtype = dtype or DTYPES.get(original.get("dtype") or original.get("torch_dtype"), torch.float32)
-    model = _build(cfg, parallel)
+    model = _build(dataclasses.replace(cfg, vocab_size=rows), parallel)
     load_checkpoint(load_dir, [model])
     generation = state.get("generation_config")
     if generation is None and tokenizer_dir is not None:
@@ -108,6 +123,24 @@ def _saved_state(load_dir: str | Path) -> dict:
     return common["common"]["state"]
 
 
+def _checked_vocab_rows(load_dir: str | Path, vocab_size: int, tp: int, source) -> int:
+    """The (padded) vocabulary rows of the latest checkpoint under `load_dir`, from its tensor metadata.
+
+    Refuses fewer rows than the HF `vocab_size` (read from `source`) and a count that `tp` cannot split.
+    """
+    ckpt = checkpoint_dir(load_dir, latest_step(load_dir))
+    metadata = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    rows = metadata[EMBEDDING].global_shape[0]
+    if rows < vocab_size:
+        raise ValueError(f"{load_dir}: the checkpoint's vocabulary has {rows} rows but {source} says "
+                         f"vocab_size={vocab_size}; a checkpoint pads its HF model's vocabulary, never cuts it: "
+                         f"pass --hf-config with the config.json of the model this checkpoint came from")
+    if rows % tp:
+        raise ValueError(f"{load_dir}: the checkpoint's {rows} vocabulary rows cannot be split over --tp {tp}; "
+                         f"read it with a --tp that divides {rows} (e.g. --tp 1: checkpoints reshard on load)")
+    return rows
+
+
 def _architecture(state: Mapping, hf_config_path, load_dir) -> tuple[ModelConfig, dict]:
     """(ModelConfig, original config.json dict or {}) from `hf_config_path` or the checkpoint's state."""
     if hf_config_path is not None:
@@ -131,6 +164,34 @@ def _tokenizer_files(tokenizer_dir: Path) -> list[Path]:
 
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---------------------------------------------------------------- the two CLIs (tools/convert_*.py)
+
+def cli_parser(prog: str, doc: str, *, tp_help: str) -> argparse.ArgumentParser:
+    """The converter CLIs' parser with their shared --tp/--pp/--backend options."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tp", type=int, default=1, help=f"tensor-parallel size {tp_help}")
+    parser.add_argument("--pp", type=int, default=1, help=f"pipeline-parallel size {tp_help}")
+    parser.add_argument("--backend", choices=["native", "bridge"], default="native",
+                        help="native: megatron-s2l's Qwen3/Llama mapping; bridge: Megatron-Bridge's AutoBridge "
+                             "(GPU clusters, Bridge's own checkpoint layout)")
+    return parser
+
+
+def run_cli(parser: argparse.ArgumentParser, convert: Callable[[], str]) -> None:
+    """Run a converter CLI's `convert` (returning what to print) and report on global rank 0.
+
+    A ValueError/RuntimeError exits with status 2 and one line naming the problem and the fix.
+    """
+    try:
+        message = convert()
+    except (ValueError, RuntimeError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- Megatron-Bridge backend (GPU clusters)

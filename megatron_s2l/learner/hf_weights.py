@@ -11,6 +11,11 @@ Layout of megatron-core's fused tensors (per transformer layer):
   gate rows followed by its slice of the up rows (each half is split separately).
 - Row-parallel `linear_proj` / `linear_fc2` split their input dimension (dim 1); the embedding and the
   output layer split the vocabulary (dim 0); norms are replicated.
+- Vocabulary padding: Megatron's embedding and output layer may have more rows than the HF vocabulary
+  (`padded_vocab_size`: a multiple of TP, or of TP x `make_vocab_size_divisible_by` as Megatron-LM and
+  Bridge pad). The padded row count is read from the model's own parameters, so no config records it:
+  loading appends zero rows, exporting drops them, and HF (and vLLM, through the refit) only ever see
+  the true `vocab_size` rows. Log-probs leave the padded columns out (`vocab_parallel_logprobs(vocab_size=)`).
 The local and Transformer Engine layer specs differ only in where the two pre-norms live (TE fuses
 them into the following linear as `layer_norm_weight`). Pipeline stages are mapped through each
 layer's global `layer_number`, so any split of layers over stages (and virtual stages) works.
@@ -36,7 +41,8 @@ from megatron_s2l.config import ModelConfig
 HF_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 
 # How a megatron tensor is built from its HF tensors and split over tensor-parallel ranks.
-REPLICATED, COLUMN, ROW, QKV, FC1 = "replicated", "column", "row", "qkv", "fc1"
+# VOCAB: column-parallel over the (possibly padded) vocabulary rows, the embedding and the output layer.
+REPLICATED, VOCAB, ROW, QKV, FC1 = "replicated", "vocab", "row", "qkv", "fc1"
 
 # Per-layer parameters: megatron suffix (local spec) -> (HF suffixes, layout). TE renames the two pre-norms.
 _LAYER = {
@@ -53,7 +59,7 @@ _LAYER = {
 _QK_NORMS = {"self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"}  # Qwen3 only
 _TE_NAMES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
              "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
-_EMBEDDING, _FINAL_NORM = "embedding.word_embeddings.weight", "decoder.final_layernorm.weight"
+EMBEDDING, _FINAL_NORM = "embedding.word_embeddings.weight", "decoder.final_layernorm.weight"
 _OUTPUT = "output_layer.weight"
 
 
@@ -81,7 +87,7 @@ def weight_map(cfg: ModelConfig) -> list[WeightEntry]:
         "mlp.linear_fc1.weight": ((ffn, hidden), (ffn, hidden)),
         "mlp.linear_fc2.weight": ((hidden, ffn),),
     }
-    entries = [WeightEntry(_EMBEDDING, ("model.embed_tokens.weight",), ((vocab, hidden),), COLUMN)]
+    entries = [WeightEntry(EMBEDDING, ("model.embed_tokens.weight",), ((vocab, hidden),), VOCAB)]
     for layer in range(cfg.num_layers):
         for suffix, (hf_suffixes, layout) in _LAYER.items():
             if suffix in _QK_NORMS and not cfg.qk_layernorm:
@@ -92,7 +98,7 @@ def weight_map(cfg: ModelConfig) -> list[WeightEntry]:
                                        shapes[suffix], layout))
     entries.append(WeightEntry(_FINAL_NORM, ("model.norm.weight",), ((hidden,),), REPLICATED))
     if not cfg.tie_word_embeddings:
-        entries.append(WeightEntry(_OUTPUT, ("lm_head.weight",), ((vocab, hidden),), COLUMN))
+        entries.append(WeightEntry(_OUTPUT, ("lm_head.weight",), ((vocab, hidden),), VOCAB))
     return entries
 
 
@@ -125,21 +131,44 @@ def to_hf(layout: str, full: torch.Tensor, num_attention_heads: int, num_query_g
     return (full,)
 
 
-def shard(layout: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """Tensor-parallel rank `rank`'s slice of a full megatron tensor (of `size` ranks)."""
+def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: int = 1) -> int:
+    """`vocab_size` rounded up to a multiple of `tensor_parallel_size` x `divisible_by` (Megatron-LM's
+    `--make-vocab-size-divisible-by` rule): the embedding rows of a Megatron model of that vocabulary."""
+    if vocab_size < 1 or tensor_parallel_size < 1 or divisible_by < 1:
+        raise ValueError(f"vocab_size={vocab_size}, tensor_parallel_size={tensor_parallel_size}, "
+                         f"make_vocab_size_divisible_by={divisible_by}: each must be >= 1")
+    multiple = tensor_parallel_size * divisible_by
+    return -(-vocab_size // multiple) * multiple
+
+
+def shard(layout: str, full: torch.Tensor, rank: int, size: int, *, padded_rows: int | None = None) -> torch.Tensor:
+    """Tensor-parallel rank `rank`'s slice of a full megatron tensor (of `size` ranks).
+
+    VOCAB tensors are split as a vocabulary of `padded_rows` rows (default: `full`'s own), the rows past
+    `full`'s being zero: each rank gets `padded_rows / size` rows.
+    """
     if layout == REPLICATED:
         return full
+    if layout == VOCAB:
+        per_rank = (padded_rows or full.shape[0]) // size
+        local = full[rank * per_rank:(rank + 1) * per_rank]  # [<= per_rank, H]: short on the padded end
+        return torch.nn.functional.pad(local, (0, 0, 0, per_rank - local.shape[0]))  # [per_rank, H]
     if layout == ROW:
         return full.chunk(size, dim=1)[rank]
     if layout == FC1:
         return torch.cat([half.chunk(size, dim=0)[rank] for half in full.chunk(2, dim=0)], dim=0)
-    return full.chunk(size, dim=0)[rank]  # COLUMN, QKV: query groups are contiguous rows
+    return full.chunk(size, dim=0)[rank]  # QKV: query groups are contiguous rows
 
 
-def unshard(layout: str, shards: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The full megatron tensor from every tensor-parallel rank's slice, in rank order."""
+def unshard(layout: str, shards: Sequence[torch.Tensor], *, vocab_size: int | None = None) -> torch.Tensor:
+    """The full megatron tensor from every tensor-parallel rank's slice, in rank order.
+
+    VOCAB tensors keep their first `vocab_size` rows (default: all): the padding is dropped.
+    """
     if layout == REPLICATED:
         return shards[0]
+    if layout == VOCAB:
+        return torch.cat(shards, dim=0)[:vocab_size]  # [V, H]
     if layout == ROW:
         return torch.cat(shards, dim=1)
     if layout == FC1:
@@ -283,7 +312,7 @@ def _check_model(params: Mapping[str, torch.nn.Parameter], entries: Mapping[str,
     expected = set()
     for chunk in model_chunks:
         if chunk.pre_process:
-            expected.add(_EMBEDDING)
+            expected.add(EMBEDDING)
         for layer in chunk.decoder.layers:
             prefix = f"decoder.layers.{layer.layer_number - 1}."
             expected |= {name for name in entries if name.startswith(prefix)}
@@ -299,12 +328,25 @@ def _check_model(params: Mapping[str, torch.nn.Parameter], entries: Mapping[str,
                          f"model from the same ModelConfig")
 
 
+def _vocab_rows(params: Mapping[str, torch.nn.Parameter], cfg: ModelConfig, tp: int) -> int | None:
+    """The model's (padded) vocabulary rows, from its embedding or output layer (None on middle stages).
+
+    Refuses a model with fewer rows than the HF vocabulary: its checkpoint is of another model.
+    """
+    shards = [params[name].shape[0] for name in (EMBEDDING, _OUTPUT) if name in params]
+    if not shards:
+        return None
+    rows = shards[0] * tp
+    if rows < cfg.vocab_size:
+        raise ValueError(f"the Megatron model has {rows} vocabulary rows but the HF config has vocab_size="
+                         f"{cfg.vocab_size}: a model's padded vocabulary can only be larger; build the model "
+                         f"with vocab_size=padded_vocab_size({cfg.vocab_size}, tp) (convert_hf_to_megatron.py "
+                         f"--make-vocab-size-divisible-by N pads it), or use the config.json of the model the "
+                         f"checkpoint came from")
+    return rows
+
+
 def _check_tp(cfg: ModelConfig, tp: int) -> None:
-    if cfg.vocab_size % tp:
-        raise ValueError(f"vocab_size={cfg.vocab_size} is not divisible by tensor_model_parallel_size={tp}: "
-                         f"pad the vocabulary to a multiple of {tp} (e.g. resize the HF model's token "
-                         f"embeddings with model.resize_token_embeddings(n, pad_to_multiple_of={tp})) before "
-                         f"converting")
     for field_name in ("num_query_groups", "ffn_hidden_size"):
         if getattr(cfg, field_name) % tp:
             raise ValueError(f"{field_name}={getattr(cfg, field_name)} is not divisible by "
@@ -355,15 +397,16 @@ def load_hf_weights(model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig,
     entries = {entry.megatron: entry for entry in weight_map(cfg)}
     params = _local_parameters(model_chunks)
     _check_model(params, entries, cfg, model_chunks)
+    vocab_rows = _vocab_rows(params, cfg, tp)
     items = list(params.items())
     if progress:
         from tqdm import tqdm
 
         items = tqdm(items, desc="loading HF tensors", unit="tensor")
     for name, param in items:
-        entry = entries[_EMBEDDING] if name == _OUTPUT and cfg.tie_word_embeddings else entries[name]
+        entry = entries[EMBEDDING] if name == _OUTPUT and cfg.tie_word_embeddings else entries[name]
         full = to_megatron(entry.layout, [state[hf_name] for hf_name in entry.hf], cfg.num_query_groups)
-        local = shard(entry.layout, full, tp_rank, tp)
+        local = shard(entry.layout, full, tp_rank, tp, padded_rows=vocab_rows)
         if local.shape != param.shape:
             raise ValueError(f"{name}: the HF tensors give a TP shard of shape {list(local.shape)} but the "
                              f"model's parameter has {list(param.shape)}; build the model from this config")
@@ -377,7 +420,8 @@ def export_hf_weights(model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig)
     A collective over the tensor- and pipeline-parallel groups: every rank of the model-parallel group
     must consume the whole generator. Each megatron tensor is all-gathered over TP on the stage that
     holds it, broadcast to the other stages, and split into its HF tensors, so peak extra memory is one
-    fused tensor. Tensors keep the parameters' dtype and device.
+    fused tensor. Tensors keep the parameters' dtype and device. A padded vocabulary is cut back to
+    `cfg.vocab_size` rows (the HF model's), so what the refit sends vLLM never has padding.
     """
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -385,13 +429,14 @@ def export_hf_weights(model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig)
     entries = weight_map(cfg)
     params = _local_parameters(model_chunks)
     _check_model(params, {e.megatron: e for e in entries}, cfg, model_chunks)
+    _vocab_rows(params, cfg, tp)
     if cfg.tie_word_embeddings:
         params.pop(_OUTPUT, None)  # a last stage's copy of the embedding: exported once, as the embedding
     owners = _pipeline_owners(set(params), pp)
     sample = next(iter(params.values()))
     for entry in entries:
         if owners[entry.megatron] == parallel_state.get_pipeline_model_parallel_rank():
-            full = _gather_tp(entry.layout, params[entry.megatron].detach(), tp)
+            full = _gather_tp(entry.layout, params[entry.megatron].detach(), tp, cfg.vocab_size)
         else:
             full = torch.empty(_full_shape(entry), dtype=sample.dtype, device=sample.device)
         if pp > 1:
@@ -401,12 +446,13 @@ def export_hf_weights(model_chunks: Sequence[torch.nn.Module], cfg: ModelConfig)
         del full
 
 
-def _gather_tp(layout: str, local: torch.Tensor, tp: int) -> torch.Tensor:
+def _gather_tp(layout: str, local: torch.Tensor, tp: int, vocab_size: int) -> torch.Tensor:
+    """The full tensor of this rank's shard `local`, a vocabulary cut to its first `vocab_size` rows."""
     if tp == 1 or layout == REPLICATED:
-        return local
+        return local[:vocab_size] if layout == VOCAB else local
     shards = [torch.empty_like(local) for _ in range(tp)]
     dist.all_gather(shards, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-    return unshard(layout, shards)
+    return unshard(layout, shards, vocab_size=vocab_size)
 
 
 def _pipeline_owners(names: set[str], pp: int) -> dict[str, int]:

@@ -2,6 +2,8 @@
 
 HF -> Megatron -> HF must give back every tensor bit-identical, with a config that transformers reads
 as the original's, the tokenizer files and the generation config; the refusals must say what to do.
+A vocabulary that TP does not divide (301 ids) is padded in Megatron and must change neither the
+log-probs (against HF transformers' log-softmax) nor what comes back out (conversion and refit export).
 """
 
 import filecmp
@@ -85,8 +87,13 @@ def test_sharded_qwen3_to_tp2_and_back(tmp_path):
 def test_tied_llama_to_tp1_and_back_at_tp2_in_shards(tmp_path):
     import transformers
 
-    src = write_tiny_model(tmp_path / "src", family="llama", tie_word_embeddings=True, init_std=0.1)
-    _run(TO_MEGATRON, "--hf-dir", str(src), "--save-dir", str(tmp_path / "ckpt"))
+    # 301 ids padded to 320 rows (a multiple of 32) at TP=1, read back at TP=2 (160 rows per rank)
+    src = write_tiny_model(tmp_path / "src", family="llama", tie_word_embeddings=True, init_std=0.1,
+                           vocab_size=301)
+    _run(TO_MEGATRON, "--hf-dir", str(src), "--save-dir", str(tmp_path / "ckpt"), "--make-vocab-size-divisible-by",
+         "32")
+    metadata = _embedding_rows(tmp_path / "ckpt")
+    assert metadata == 320
     _run(TO_HF, "--load-dir", str(tmp_path / "ckpt"), "--save-dir", str(tmp_path / "back"), "--tp", "2",
          "--max-shard-size-mb", "0.3", nproc=2)
 
@@ -95,11 +102,20 @@ def test_tied_llama_to_tp1_and_back_at_tp2_in_shards(tmp_path):
     assert len(set(index["weight_map"].values())) > 1
     _assert_same_weights(back, src)
     _assert_same_config(back, src)
-    tokens = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 301, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # transformers loads the sharded output as the same model
         got = transformers.AutoModelForCausalLM.from_pretrained(back).eval()(tokens).logits
         expected = transformers.AutoModelForCausalLM.from_pretrained(src).eval()(tokens).logits
     assert torch.equal(got, expected)
+
+
+def _embedding_rows(ckpt: Path) -> int:
+    """The embedding's global row count in the latest checkpoint under `ckpt` (its tensor metadata)."""
+    from megatron.core import dist_checkpointing
+
+    step = (ckpt / "latest").read_text().strip()
+    metadata = dist_checkpointing.load_tensors_metadata(str(ckpt / f"iter_{int(step):07d}"))
+    return metadata["embedding.word_embeddings.weight"].global_shape[0]
 
 
 def _tool(path: Path):
@@ -113,6 +129,7 @@ def _tool(path: Path):
     (["--backend", "bridge"], "--backend bridge needs Megatron-Bridge"),
     (["--tp", "2"], "launch with torchrun --nproc_per_node=2"),
     (["--wrong-arch"], "model_type='mistral'"),
+    (["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by 0: must be >= 1"),
 ])
 def test_cli_refusals_name_the_fix(tmp_path, capsys, args, message):
     src = write_tiny_model(tmp_path / "src", num_layers=1)
@@ -168,3 +185,106 @@ def test_training_checkpoint_converts_with_its_hf_config(tmp_path):
     [(same_names, mismatched, config)] = run_ranks(_learner_checkpoint_to_hf, 1, str(tmp_path), timeout=240)
     assert same_names and mismatched == []
     assert (config["model_type"], config["eos_token_id"], config["dtype"]) == ("qwen3", 1, "float32")
+
+
+# ---------------------------------------------------------------- a vocabulary TP does not divide
+
+ODD_VOCAB, BATCH, SEQ = 301, 2, 12
+PADDED = {"qwen3": 1, "llama": 64}  # make_vocab_size_divisible_by: 302 rows (151 per rank); 384 (192 per rank)
+
+
+def _odd_vocab_at_tp2(rank, world_size, root):
+    """Convert each odd-vocabulary model at TP=2, then: its log-probs, its refit export, its way back to HF,
+    the padding rows, and the refusals (each raised alike on both ranks, before any collective)."""
+    import dataclasses
+
+    from megatron.core import parallel_state
+
+    from megatron_s2l.algo.logprobs import vocab_parallel_logprobs
+    from megatron_s2l.config import ParallelConfig
+    from megatron_s2l.learner.checkpoint import load_checkpoint
+    from megatron_s2l.learner.convert import hf_to_megatron, megatron_to_hf
+    from megatron_s2l.learner.hf_weights import (export_hf_weights, load_hf_weights, model_config_from_hf,
+                                                 padded_vocab_size, read_hf_state)
+    from megatron_s2l.learner.model import build_model, transformer_config
+
+    parallel = ParallelConfig(tensor_model_parallel_size=2)
+    tokens = torch.load(f"{root}/tokens.pt")  # [B, T+1]
+    results = {}
+    for family, divisible_by in PADDED.items():
+        hf_dir, ckpt = f"{root}/{family}", f"{root}/{family}-ckpt"
+        hf_to_megatron(hf_dir, ckpt, parallel, make_vocab_size_divisible_by=divisible_by)
+        cfg = model_config_from_hf(hf_dir)
+        padded = dataclasses.replace(cfg, vocab_size=padded_vocab_size(cfg.vocab_size, 2, divisible_by))
+        model = build_model(padded, transformer_config(padded, parallel))
+        load_checkpoint(ckpt, [model])
+        inputs = tokens[:, :-1]  # [B, T]
+        with torch.no_grad():
+            logits = model(inputs, torch.arange(SEQ).expand_as(inputs), None)  # [B, T, V_pad / 2]
+            logp, entropy = vocab_parallel_logprobs(
+                logits, tokens[:, 1:], group=parallel_state.get_tensor_model_parallel_group(),
+                vocab_start=rank * logits.shape[-1], vocab_size=cfg.vocab_size, with_entropy=True)
+        embedding = model.embedding.word_embeddings.weight  # [V_pad / 2, H]
+        padding = embedding[cfg.vocab_size - rank * embedding.shape[0]:] if rank else embedding[:0]
+        exported = {name: tensor.clone() for name, tensor in export_hf_weights([model], cfg)}  # the refit's stream
+        megatron_to_hf(ckpt, f"{root}/{family}-back", parallel)
+        results[family] = (logp, entropy, exported, logits.shape[-1], padding.abs().sum().item(), padding.shape[0])
+    small = dataclasses.replace(cfg, vocab_size=300)  # a model built for fewer ids than the HF vocabulary
+    attempts = (lambda: megatron_to_hf(f"{root}/qwen3-ckpt", f"{root}/x", parallel, hf_config_path=f"{root}/big"),
+                lambda: megatron_to_hf(f"{root}/qwen3-ckpt", f"{root}/x", ParallelConfig(tensor_model_parallel_size=4)),
+                lambda: load_hf_weights([build_model(small, transformer_config(small, parallel))], cfg,
+                                        read_hf_state(f"{root}/llama")))
+    refusals = []
+    for attempt in attempts:
+        try:
+            attempt()
+        except ValueError as err:
+            refusals.append(str(err))
+    return results, refusals
+
+
+@pytest.mark.distributed
+def test_odd_vocabulary_is_padded_at_tp2_without_changing_logprobs_or_weights(tmp_path):
+    import torch.nn.functional as F
+    import transformers
+
+    from tests.multiprocess import run_ranks
+
+    tokens = torch.randint(0, ODD_VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    tokens[0, 1:4] = torch.tensor([0, 150, ODD_VOCAB - 1])  # both shards' edges among the targets
+    torch.save(tokens, tmp_path / "tokens.pt")
+    write_tiny_model(tmp_path / "qwen3", family="qwen3", tie_word_embeddings=False, init_std=0.1, vocab_size=ODD_VOCAB)
+    write_tiny_model(tmp_path / "llama", family="llama", tie_word_embeddings=True, init_std=0.1, vocab_size=ODD_VOCAB,
+                     seed=1)
+    write_tiny_model(tmp_path / "big", family="qwen3", tie_word_embeddings=False, num_layers=1)  # vocab 512
+
+    per_rank = run_ranks(_odd_vocab_at_tp2, 2, str(tmp_path), timeout=240)
+    for family, divisible_by in PADDED.items():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / family, dtype=torch.float32).eval()
+        with torch.no_grad():
+            log_softmax = F.log_softmax(hf(tokens[:, :-1]).logits, dim=-1)  # [B, T, 301]: HF has no padding
+        ref_logp = log_softmax.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, T]
+        ref_entropy = -(log_softmax.exp() * log_softmax).sum(-1)  # [B, T]
+        assert ref_entropy.mean() < 5.6  # peaked: a uniform over 301 (5.71) would hide padding in the normaliser
+        hf_state = read_hf_state(tmp_path / family)
+        rows_per_rank = 151 if divisible_by == 1 else 192
+        for rank, (results, _) in enumerate(per_rank):
+            logp, entropy, exported, shard_rows, padding_abs_sum, padding_rows = results[family]
+            assert shard_rows == rows_per_rank and padding_rows == (2 * rows_per_rank - ODD_VOCAB) * rank
+            assert padding_abs_sum == 0.0  # padded rows are zeros
+            torch.testing.assert_close(logp, ref_logp, rtol=0, atol=1e-5, msg=lambda m: f"{family} rank {rank}: {m}")
+            torch.testing.assert_close(entropy, ref_entropy, rtol=0, atol=1e-5)
+            assert exported.keys() == set(hf_state)
+            for name in hf_state:  # what the refit sends vLLM: unpadded, bit-identical
+                assert torch.equal(exported[name], hf_state[name]), f"{family} rank {rank}: {name}"
+        _assert_same_weights(tmp_path / f"{family}-back", tmp_path / family)
+        _assert_same_config(tmp_path / f"{family}-back", tmp_path / family)
+
+    for _, refusals in per_rank:
+        smaller, indivisible, model_too_small = refusals
+        assert "the checkpoint's vocabulary has 302 rows but" in smaller and "says vocab_size=512" in smaller
+        assert "pass --hf-config with the config.json of the model this checkpoint came from" in smaller
+        assert "302 vocabulary rows cannot be split over --tp 4; read it with a --tp that divides 302" in indivisible
+        assert model_too_small.startswith("the Megatron model has 300 vocabulary rows but the HF config has "
+                                          "vocab_size=301")
+        assert "--make-vocab-size-divisible-by" in model_too_small

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from megatron_s2l.config import ModelConfig
-from megatron_s2l.learner.hf_weights import (COLUMN, FC1, QKV, REPLICATED, ROW, check_hf_state, hf_config,
-                                             model_config_from_dict, model_config_from_hf, read_hf_state, shard,
-                                             to_hf, to_megatron, unshard, weight_map, write_safetensors)
+from megatron_s2l.learner.hf_weights import (FC1, QKV, REPLICATED, ROW, VOCAB, check_hf_state, hf_config,
+                                             model_config_from_dict, model_config_from_hf, padded_vocab_size,
+                                             read_hf_state, shard, to_hf, to_megatron, unshard, weight_map,
+                                             write_safetensors)
 from tests.tiny_models import write_tiny_model
 
 
@@ -101,13 +102,30 @@ def test_fc1_shards_split_gate_and_up_separately():
 
 
 @pytest.mark.parametrize("layout,expected_shard_shape", [
-    (COLUMN, (4, 6)), (ROW, (8, 2)), (QKV, (4, 6)), (FC1, (4, 6)), (REPLICATED, (8, 6))])
+    (VOCAB, (4, 6)), (ROW, (8, 2)), (QKV, (4, 6)), (FC1, (4, 6)), (REPLICATED, (8, 6))])
 def test_shards_reassemble(layout, expected_shard_shape):
     full = torch.randn(8, 6)
     shards = [shard(layout, full, rank, 2 if layout != ROW else 3) for rank in range(2 if layout != ROW else 3)]
     assert shards[0].shape == expected_shard_shape
     assert torch.equal(unshard(layout, shards), full)
     assert layout == REPLICATED or not torch.equal(shards[0], shards[1])
+
+
+def test_padded_vocab_size_follows_megatron_lm():
+    # Megatron-LM's _vocab_size_with_padding: up to a multiple of make_vocab_size_divisible_by x TP.
+    assert [padded_vocab_size(301, tp) for tp in (1, 2, 4)] == [301, 302, 304]
+    assert [padded_vocab_size(151936, tp, 128) for tp in (1, 4, 8)] == [151936, 152064, 152576]  # Qwen3
+    with pytest.raises(ValueError, match="make_vocab_size_divisible_by=0: each must be >= 1"):
+        padded_vocab_size(301, 2, 0)
+
+
+def test_vocab_shards_pad_with_zero_rows_and_unshard_drops_them():
+    full = torch.arange(1.0, 6.0)[:, None].expand(-1, 2)  # [V=5, H=2], rows 1..5
+    shards = [shard(VOCAB, full, rank, 2, padded_rows=8) for rank in range(2)]  # 8 rows: 4 per rank
+    assert shards[0][:, 0].tolist() == [1, 2, 3, 4] and shards[1][:, 0].tolist() == [5, 0, 0, 0]
+    assert torch.equal(unshard(VOCAB, shards, vocab_size=5), full)
+    assert shard(VOCAB, full, 1, 4, padded_rows=8)[:, 0].tolist() == [3, 4]  # 2 per rank, no padding here
+    assert shard(VOCAB, full, 3, 4, padded_rows=8).abs().sum() == 0  # a shard of padding only
 
 
 def test_te_and_local_specs_differ_only_in_the_pre_norm_names():
