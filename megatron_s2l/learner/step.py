@@ -40,8 +40,7 @@ from megatron_s2l.algo.loss import accumulate_metrics, all_reduce_metrics, final
 from megatron_s2l.config import FP8Config, LossConfig, ModelConfig, OptimConfig, ParallelConfig
 from megatron_s2l.learner.hf_weights import load_hf_weights
 from megatron_s2l.learner.model import build_model, init_parallel, transformer_config
-from megatron_s2l.learner.packing import PackedMicroBatch, block_causal_mask, cu_seqlens, pack, plan_packing, \
-    segment_ids, unpack
+from megatron_s2l.learner.packing import block_causal_mask, cu_seqlens, pack, plan_packing, segment_ids, unpack
 from megatron_s2l.types import TrainBatch
 
 # tensors by name ("rows": the shard rows it holds; "packing": a PackedMicroBatch when packed)

@@ -110,13 +110,12 @@ def _single_rank(rank, world_size):
     from megatron_s2l.learner.step import _epoch_group_order
 
     out = _compare(ParallelConfig())
-    reference, _ = _learners(ParallelConfig(), PADDED, PACKED)
-    out["rope"] = _rope_scores(reference, offset=50)
     # two PPO epochs of 2-group mini-batches, packed, against one epoch each over mini-batches taken in
     # the order the Learner must draw (its seed and optimizer-step count 0)
     epochs = dataclasses.replace(PACKED, ppo_epochs=2, mini_batch_prompts=2)
     stepwise = dataclasses.replace(PACKED, mini_batch_prompts=len(GROUP_SIZES))
     shuffled, explicit = _learners(ParallelConfig(), epochs, stepwise)
+    out["rope"] = _rope_scores(shuffled, offset=50)
     batch = make_batch()
     batch.old_logprobs = batch.ref_logprobs = shuffled.logprobs(batch)
     longest = int(batch.response_mask.sum(1).max())
