@@ -240,7 +240,7 @@ class OptimConfig:
     clip_grad: float = 1.0
     ppo_epochs: int = 1
     mini_batch_prompts: int = 4  # prompts per optimizer step (all their samples)
-    micro_batch_size: int = 4  # sequences per forward/backward
+    micro_batch_size: int = 4  # sequences per forward/backward (packed rows with pack_sequences)
     logprob_chunk_size: int = 1024  # tokens per vocab-parallel log-prob chunk: the fp32 scratch is about
     # chunk x vocab/TP floats; 0: a whole micro-batch at once
     pack_sequences: bool = False  # pack several sequences into each row instead of padding every sequence
