@@ -144,13 +144,15 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: 
 def shard(layout: str, full: torch.Tensor, rank: int, size: int, *, padded_rows: int | None = None) -> torch.Tensor:
     """Tensor-parallel rank `rank`'s slice of a full megatron tensor (of `size` ranks).
 
-    VOCAB tensors are split as a vocabulary of `padded_rows` rows (default: `full`'s own), the rows past
-    `full`'s being zero: each rank gets `padded_rows / size` rows.
+    VOCAB tensors are split as a vocabulary of `padded_rows` rows (default: `full`'s rows padded to a
+    multiple of `size`), the rows past `full`'s being zero: each rank gets `padded_rows / size` rows.
     """
     if layout == REPLICATED:
         return full
     if layout == VOCAB:
-        per_rank = (padded_rows or full.shape[0]) // size
+        padded_rows = padded_rows or padded_vocab_size(full.shape[0], size)
+        assert padded_rows % size == 0 and padded_rows >= full.shape[0], (padded_rows, size, full.shape)
+        per_rank = padded_rows // size
         local = full[rank * per_rank:(rank + 1) * per_rank]  # [<= per_rank, H]: short on the padded end
         return torch.nn.functional.pad(local, (0, 0, 0, per_rank - local.shape[0]))  # [per_rank, H]
     if layout == ROW:

@@ -126,6 +126,7 @@ def test_vocab_shards_pad_with_zero_rows_and_unshard_drops_them():
     assert torch.equal(unshard(VOCAB, shards, vocab_size=5), full)
     assert shard(VOCAB, full, 1, 4, padded_rows=8)[:, 0].tolist() == [3, 4]  # 2 per rank, no padding here
     assert shard(VOCAB, full, 3, 4, padded_rows=8).abs().sum() == 0  # a shard of padding only
+    assert shard(VOCAB, full, 1, 2)[:, 0].tolist() == [4, 5, 0]  # default: padded to a multiple of TP (6)
 
 
 def test_te_and_local_specs_differ_only_in_the_pre_norm_names():
