@@ -23,7 +23,7 @@ from megatron_s2l.learner import convert
 
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments and convert; errors are reported as one line naming the problem and the fix."""
-    parser = convert.cli_parser(Path(__file__).name, __doc__, tp_help="of the written checkpoint")
+    parser = convert.cli_parser(Path(__file__).name, __doc__, layout_help="of the written checkpoint")
     parser.add_argument("--hf-dir", required=True, help="local HF model directory (config.json + safetensors)")
     parser.add_argument("--save-dir", required=True, help="checkpoint root; iter_0000000/ and latest are written")
     parser.add_argument("--layer-spec", choices=typing.get_args(LayerSpec), default="local",

@@ -25,7 +25,7 @@ from megatron_s2l.learner import convert
 
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments and convert; errors are reported as one line naming the problem and the fix."""
-    parser = convert.cli_parser(Path(__file__).name, __doc__, tp_help="to read the checkpoint with")
+    parser = convert.cli_parser(Path(__file__).name, __doc__, layout_help="to read the checkpoint with")
     parser.add_argument("--load-dir", required=True, help="checkpoint root holding 'latest' and iter_*/")
     parser.add_argument("--save-dir", required=True, help="output HF model directory")
     parser.add_argument("--hf-config", help="config.json (or its directory) of the model the checkpoint came from")

@@ -168,11 +168,11 @@ def _read_json(path: Path) -> dict | None:
 
 # ---------------------------------------------------------------- the two CLIs (tools/convert_*.py)
 
-def cli_parser(prog: str, doc: str, *, tp_help: str) -> argparse.ArgumentParser:
+def cli_parser(prog: str, doc: str, *, layout_help: str) -> argparse.ArgumentParser:
     """The converter CLIs' parser with their shared --tp/--pp/--backend options."""
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tp", type=int, default=1, help=f"tensor-parallel size {tp_help}")
-    parser.add_argument("--pp", type=int, default=1, help=f"pipeline-parallel size {tp_help}")
+    parser.add_argument("--tp", type=int, default=1, help=f"tensor-parallel size {layout_help}")
+    parser.add_argument("--pp", type=int, default=1, help=f"pipeline-parallel size {layout_help}")
     parser.add_argument("--backend", choices=["native", "bridge"], default="native",
                         help="native: megatron-s2l's Qwen3/Llama mapping; bridge: Megatron-Bridge's AutoBridge "
                              "(GPU clusters, Bridge's own checkpoint layout)")
