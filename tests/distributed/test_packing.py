@@ -1,10 +1,11 @@
-"""Sequence packing and reshuffled PPO epochs in the Learner, against the padded Learner (TP=1, TP=2, PP=2).
+"""Sequence packing and reshuffled PPO epochs in the Learner, against the padded Learner (DP=2, TP=2, PP=2).
 
 The reference is the padded path (`optim.pack_sequences=False`), which tests/distributed/test_learner.py
 checks against plain torch. In each layout one spawn builds a padded and a packed Learner with the same
 weights and compares log-probs, the first GRPO step (loss, entropy, KL, grad norm, every gradient
 shard), one SFT step and a three-step training curve. The loss aggregates per sequence
-(seq-mean-token-mean), so unpacking must hand each sequence its own row. The TP=1 spawn also shows
+(seq-mean-token-mean), so unpacking must hand each sequence its own row. The DP=2 spawn (TP=1; the
+ranks hold 3 and 2 groups, so different numbers of packed micro-batches) also shows
 that RoPE scores depend only on relative positions (why packing at an offset is exact) and that PPO
 epochs after the first visit the groups in the order `_epoch_group_order` draws.
 """
@@ -105,8 +106,8 @@ def _rope_scores(learner, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     return scores[0], scores[1]
 
 
-def _single_rank(rank, world_size):
-    """TP=1: padded vs packed, RoPE at an offset, and PPO epochs against explicitly ordered mini-batches."""
+def _data_parallel(rank, world_size):
+    """DP=2, TP=1: padded vs packed, RoPE at an offset, and PPO epochs against explicitly ordered mini-batches."""
     from megatron_s2l.learner.step import _epoch_group_order
 
     out = _compare(ParallelConfig())
@@ -152,9 +153,11 @@ def check(run: dict) -> None:
 
 
 @pytest.mark.distributed
-def test_packing_tp1_rope_offset_and_ppo_epoch_order():
-    (run,) = run_ranks(_single_rank, 1, timeout=TIMEOUT)
-    check(run)
+def test_packing_data_parallel_rope_offset_and_ppo_epoch_order():
+    runs = run_ranks(_data_parallel, 2, timeout=TIMEOUT)
+    for run in runs:
+        check(run)
+    run = runs[0]
     plain, offset = run["rope"]
     assert plain.abs().max() > 1.0
     torch.testing.assert_close(offset, plain, rtol=0, atol=1e-5)  # a position 50 tokens later scores alike
