@@ -5,8 +5,9 @@ checks against plain torch. In each layout one spawn builds a padded and a packe
 weights and compares log-probs, the first GRPO step (loss, entropy, KL, grad norm, every gradient
 shard), one SFT step and a three-step training curve. The loss aggregates per sequence
 (seq-mean-token-mean), so unpacking must hand each sequence its own row. The DP=2 spawn (TP=1; the
-ranks hold 3 groups of 7 sequences and 2 groups of 3) also shows that RoPE scores depend only on relative positions (why packing at an offset is exact) and that PPO
-epochs after the first visit the groups in the order `_epoch_group_order` draws.
+ranks hold 3 groups of 7 sequences and 2 groups of 3) also shows that RoPE scores depend only on
+relative positions (why packing at an offset is exact) and that PPO epochs after the first visit the
+groups in the order `_epoch_group_order` draws.
 """
 
 from __future__ import annotations
