@@ -8,6 +8,7 @@ Each shim below says which megatron-core code needs it (measured with megatron-c
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.queues
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -108,10 +109,18 @@ def _patch_checkpoint_queue() -> None:
 
     def fork_queue():
         if filesystem_async._results_queue is None:
-            filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
+            filesystem_async._results_queue = _ArrivedQueue(ctx=multiprocessing.get_context("fork"))
         return filesystem_async._results_queue
 
     filesystem_async._get_write_results_queue = fork_queue
+
+
+class _ArrivedQueue(multiprocessing.queues.Queue):
+    """The writer calls `get_nowait()` right after its own `put()`; a multiprocessing queue hands the item
+    to a feeder thread first, so without waiting the item is often not there yet (the save then fails)."""
+
+    def get_nowait(self):
+        return self.get(timeout=60)
 
 
 class _CudaToCpu(TorchFunctionMode):
