@@ -20,6 +20,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron_s2l.config import FP8Config, ModelConfig, ParallelConfig
 from megatron_s2l.learner.cpu_shims import apply_cpu_shims
 from megatron_s2l.learner.fp8 import fp8_transformer_fields, require_transformer_engine
+from megatron_s2l.learner.hf_weights import padded_vocab_size
 
 
 def _free_port() -> int:
@@ -59,10 +60,6 @@ def init_parallel(parallel: ParallelConfig, seed: int) -> None:
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, fp8: FP8Config | None = None, *,
                        params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
     """The megatron-core TransformerConfig of a Qwen3/Llama-style decoder (RMSNorm, SwiGLU, GQA, RoPE)."""
-    if model.vocab_size % parallel.tensor_model_parallel_size:
-        raise ValueError(f"learner.vocab_size={model.vocab_size} must be divisible by "
-                         f"parallel.tensor_model_parallel_size={parallel.tensor_model_parallel_size} "
-                         f"(pad the vocabulary when converting the checkpoint)")
     if model.num_layers % parallel.pipeline_model_parallel_size:
         raise ValueError(f"learner.num_layers={model.num_layers} must be divisible by "
                          f"parallel.pipeline_model_parallel_size={parallel.pipeline_model_parallel_size}")
@@ -111,12 +108,12 @@ def build_model(model: ModelConfig, config: TransformerConfig) -> GPTModel:
     """This rank's pipeline stage of the GPT; `init_parallel` must have run.
 
     Logits stay vocab-parallel (`parallel_output=True`): log-probs are gathered from the shards, never
-    from full-vocabulary logits.
+    from full-vocabulary logits. A vocabulary TP does not divide gets padding rows that the log-probs ignore.
     """
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model),
-        vocab_size=model.vocab_size,
+        vocab_size=padded_vocab_size(model.vocab_size, parallel_state.get_tensor_model_parallel_world_size()),
         max_sequence_length=model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),

@@ -228,7 +228,7 @@ class Learner:
         logits = logits.reshape(*targets.shape, logits.shape[-1])  # [m, T, V/TP]
         vocab_start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]  # equal shards
         logprobs, entropy = vocab_parallel_logprobs(
-            logits, targets, vocab_start=vocab_start, with_entropy=with_entropy,
+            logits, targets, vocab_start=vocab_start, vocab_size=self.model.vocab_size, with_entropy=with_entropy,
             group=parallel_state.get_tensor_model_parallel_group(), chunk_size=self.optim.logprob_chunk_size or None)
         packing = micro.get("packing")
         if packing is None:

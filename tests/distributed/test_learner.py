@@ -255,3 +255,34 @@ def test_fp8_without_transformer_engine_fails_at_start_up():
     te_model = dataclasses.replace(MODEL, layer_spec="te")
     with pytest.raises(RuntimeError, match="needs Transformer Engine"):
         Learner(te_model, ParallelConfig(), OPTIM, LOSS, FP8Config(enabled=True), seed=SEED, with_reference=False)
+
+
+def _odd_vocab_learner(rank, world_size, hf_dir):
+    """A Learner at TP=2 on a 301-id HF model: 302 embedding rows, log-probs over the 301 real ids."""
+    from megatron_s2l.learner.hf_weights import model_config_from_hf, read_hf_state
+    from megatron_s2l.learner.step import Learner
+
+    learner = Learner(model_config_from_hf(hf_dir), ParallelConfig(tensor_model_parallel_size=2), OPTIM, LOSS,
+                      FP8Config(), seed=SEED, with_reference=False)
+    learner.load_hf(read_hf_state(hf_dir))
+    batch = make_batch()
+    return learner.logprobs(batch), learner.model_chunks[0].embedding.word_embeddings.weight.shape[0]
+
+
+@pytest.mark.distributed
+def test_learner_scores_only_the_real_ids_of_a_vocabulary_tp_does_not_divide(tmp_path):
+    import transformers
+
+    from tests.tiny_models import write_tiny_model
+
+    hf_dir = write_tiny_model(tmp_path / "odd", vocab_size=301, hidden_size=64, intermediate_size=96, num_heads=2,
+                              num_kv_heads=2, init_std=0.1)
+    batch = make_batch()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        log_softmax = torch.log_softmax(hf(batch.tokens[:, :-1]).logits, dim=-1)  # [B, L-1, 301]
+    expected = log_softmax.gather(-1, batch.tokens[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, L-1]
+    mask = batch.response_mask
+    for logprobs, rows_per_rank in run_ranks(_odd_vocab_learner, 2, str(hf_dir), timeout=TIMEOUT):
+        assert rows_per_rank == 151  # 302 rows over TP=2: one padding row on the last rank
+        torch.testing.assert_close(logprobs[mask], expected[mask], rtol=0, atol=1e-5)
