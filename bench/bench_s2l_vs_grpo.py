@@ -87,13 +87,11 @@ def matmul_params(hf_path: str) -> int:
 
 def run_one(method: str, seed: int, steps: int, hot_temperature: float, overrides: list[str], out: Path) -> dict:
     """Worker: train one method with one seed in this process; write and return its per-step record."""
-    from megatron_s2l.algo.rewards import MathScorer
     from megatron_s2l.config import S2LConfig
-    from megatron_s2l.data.prompts import prompts_from_config
     from megatron_s2l.data.tokenizer import load_tokenizer
     from megatron_s2l.demo import prepare_demo
     from megatron_s2l.learner.model import init_parallel
-    from megatron_s2l.loop import build_rollout_phase, evaluate_learner, resolve_models, train
+    from megatron_s2l.loop import build_rollout_phase, resolve_models, train
 
     cfg = S2LConfig.from_yaml(DEMO_CONFIG, [
         f"seed={seed}", f"train_steps={steps}", f"schedule.t_mix={max(1, steps // 2)}", "checkpoint.save_dir=null",
@@ -108,14 +106,12 @@ def run_one(method: str, seed: int, steps: int, hot_temperature: float, override
     init_parallel(cfg.parallel, cfg.seed)  # before the engines: an in-process vLLM must find the job's group
     tokenizer = load_tokenizer(cfg.learner.hf_path)
     rollout = MeteredRollout(build_rollout_phase(sampled, tokenizer))
-    held_out = prompts_from_config(cfg.data, tokenizer, "eval").prompts
     started = time.time()
-    initial = evaluate_learner(cfg, rollout, held_out, tokenizer, MathScorer(), step=0)
     result = train(cfg, rollout)
     record = {
         "method": method, "seed": seed, "steps": steps, "seconds": round(time.time() - started, 1),
         "params": {"learner": matmul_params(cfg.learner.hf_path), "explorer": matmul_params(cfg.explorer.hf_path)},
-        "initial_eval": initial, "history": result.history,
+        "initial_eval": result.initial_eval, "history": result.history,
         "tokens": {str(step): by_source for step, by_source in sorted(rollout.tokens.items())},
     }
     path = out / "runs" / f"{method}_seed{seed}.json"

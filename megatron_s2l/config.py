@@ -293,9 +293,11 @@ class DataConfig:
     on_bad_prompt: OnBadPrompt = "error"  # error: stop with file and line; drop: skip and count
     seed: int = 0  # prompt order (epoch shuffles) and the demo task's problems
     task_modulus: int = 10  # demo task: results are reduced modulo this (answers 0..modulus-1)
-    task_min_ops: int = 2  # demo task: fewest operations per chain
+    task_min_ops: int = 3  # demo task: fewest operations per chain
     task_max_ops: int = 5  # demo task: most operations per chain (the difficulty knob)
-    task_mul_max: int = 9  # demo task: largest multiplier
+    task_ops: str = "+-"  # demo task: the operations chains draw from, a selection of "+-*"
+    task_max_addend: int = 3  # demo task: largest addend/subtrahend (small steps learn fast on CPU)
+    task_mul_max: int = 9  # demo task: largest multiplier (when task_ops has "*")
     task_num_train: int = 20000  # demo task: training problems (pretraining texts and RL prompts)
     task_num_eval: int = 200  # demo task: held-out problems, disjoint from training
 
@@ -308,6 +310,10 @@ class DataConfig:
                           f"1 <= task_min_ops <= task_max_ops")
         if self.task_mul_max < 2:
             errors.append(f"{at}.task_mul_max={self.task_mul_max}: must be >= 2")
+        if self.task_max_addend < 1:
+            errors.append(f"{at}.task_max_addend={self.task_max_addend}: must be >= 1")
+        if not self.task_ops or set(self.task_ops) - set("+-*"):
+            errors.append(f"{at}.task_ops={self.task_ops!r}: must be a non-empty selection of '+-*'")
         return errors
 
 

@@ -2,9 +2,17 @@
 
 No model hub: `build_family` trains a sentencepiece tokenizer on the task's text, pretrains a small
 explorer and a larger learner with Megatron-Core (token-mean cross-entropy on worked solutions), writes
-both as HF directories that vLLM serves, and measures their pass@k curves on the held-out split (the
-paper's premise: the smaller sibling catches up as k grows). The result is cached under a directory
-named by the family's settings, so later runs reuse it; `prepare_demo` points a config at it.
+both as HF directories that vLLM serves, and measures their pass@k curves on the held-out split. The
+result is cached under a directory named by the family's settings, so later runs reuse it;
+`prepare_demo` points a config at it.
+
+The paper's premise is that the smaller sibling's pass@k catches up with and crosses the larger one's as
+k grows: the large model is more accurate per sample but its mistakes are confident and systematic,
+while the small one errs at random. Two tiny models trained for minutes cannot acquire that contrast by
+scale alone, so the demo builds it in through what each is taught (`data.task.Tutor`): the learner's
+worked solutions are nearly clean except for a blind spot (wrap-around steps written off by one 90% of
+the time), the explorer's have random slips everywhere. The family's pass@k table and plot show the
+resulting curves; S2L-PO then lets the learner learn the wrap-around steps from the explorer's samples.
 
 Run alone with `python -m megatron_s2l.demo [--out DIR]`.
 """
@@ -29,8 +37,8 @@ from tqdm import tqdm
 
 from megatron_s2l.config import (DataConfig, EngineConfig, FP8Config, LossConfig, ModelConfig, OptimConfig,
                                   ParallelConfig, S2LConfig, SamplingConfig)
-from megatron_s2l.data.prompts import task_prompts
-from megatron_s2l.data.task import TaskSpec, pretraining_examples, task_splits
+from megatron_s2l.data.prompts import task_prompts, task_spec
+from megatron_s2l.data.task import Tutor, pretraining_examples, task_splits
 from megatron_s2l.data.tokenizer import TOKENIZER_FILE, Tokenizer, render_prompt, train_tokenizer
 from megatron_s2l.evaluation.passk_eval import evaluate, write_comparison
 from megatron_s2l.learner.hf_weights import save_hf_dir
@@ -48,12 +56,13 @@ def _size(layers: int, hidden: int, heads: int, groups: int) -> ModelConfig:
 
 @dataclass(frozen=True)
 class Member:
-    """One size of the family and how long it is pretrained."""
+    """One size of the family, how long it is pretrained and who writes its worked solutions."""
 
     model: ModelConfig
     steps: int
     lr: float
     seed: int
+    tutor: Tutor = Tutor()
 
 
 @dataclass(frozen=True)
@@ -61,8 +70,10 @@ class FamilySpec:
     """Everything that defines the demo family; its hash names the cache directory."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    explorer: Member = field(default_factory=lambda: Member(_size(2, 128, 4, 2), steps=300, lr=2e-3, seed=1))
-    learner: Member = field(default_factory=lambda: Member(_size(4, 256, 8, 4), steps=80, lr=1e-3, seed=2))
+    explorer: Member = field(default_factory=lambda: Member(_size(2, 128, 4, 2), steps=300, lr=2e-3, seed=1,
+                                                            tutor=Tutor(slip_rate=0.35)))
+    learner: Member = field(default_factory=lambda: Member(_size(4, 256, 8, 4), steps=300, lr=2e-3, seed=2,
+                                                           tutor=Tutor(slip_rate=0.05, wrap_error_rate=0.9)))
     batch_size: int = 32
     passk_samples: int = 32  # samples per held-out problem for the pass@k curves
 
@@ -71,7 +82,8 @@ class FamilySpec:
 
     @classmethod
     def from_dict(cls, spec: dict) -> "FamilySpec":
-        members = {name: Member(**dict(spec[name], model=ModelConfig(**spec[name]["model"])))
+        members = {name: Member(**dict(spec[name], model=ModelConfig(**spec[name]["model"]),
+                                       tutor=Tutor(**spec[name]["tutor"])))
                    for name in ("explorer", "learner")}
         return cls(**dict(spec, data=DataConfig(**spec["data"]), **members))
 
@@ -88,15 +100,20 @@ def build_family(spec: FamilySpec, out: Path) -> Path:
     """
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    train, _ = task_splits(spec.data.task_num_train, spec.data.task_num_eval, _task_spec(spec.data), seed=spec.data.seed)
+    task = task_spec(spec.data)
+    train, _ = task_splits(spec.data.task_num_train, spec.data.task_num_eval, task, seed=spec.data.seed)
     if not (out / TOKENIZER_FILE).exists():
         train_tokenizer((p.question + " " + p.solution for p in train), vocab_size=spec.learner.model.vocab_size).save(out)
     tokenizer = Tokenizer.load(out)
-    examples = pretraining_examples(
-        train, tokenizer, lambda q: render_prompt([{"role": "user", "content": q}], spec.data.prompt_template, tokenizer))
+
+    def render(question: str) -> str:
+        return render_prompt([{"role": "user", "content": question}], spec.data.prompt_template, tokenizer)
+
     for name, member in (("explorer", spec.explorer), ("learner", spec.learner)):
         if (out / name).exists():
             continue
+        examples = pretraining_examples(train, tokenizer, render, modulus=task.modulus, tutor=member.tutor,
+                                        seed=member.seed)
         learner, loss = pretrain(member, examples, spec.batch_size, tokenizer.pad_id, desc=f"pretrain {name}")
         partial = out / f"{name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
@@ -116,7 +133,7 @@ def build_family(spec: FamilySpec, out: Path) -> Path:
 def family_passk(spec: FamilySpec, out: Path, tokenizer: Tokenizer) -> dict[str, dict]:
     """pass@1..k of both models on the held-out split, sampled as the explorer samples during training;
     writes passk/compare.{json,md,png} (the figure behind the method) and returns the results."""
-    _, held_out = task_splits(spec.data.task_num_train, spec.data.task_num_eval, _task_spec(spec.data),
+    _, held_out = task_splits(spec.data.task_num_train, spec.data.task_num_eval, task_spec(spec.data),
                               seed=spec.data.seed)
     benchmark = {"held_out": task_prompts(held_out, tokenizer, template=spec.data.prompt_template)}
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=48)
@@ -159,11 +176,6 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[t
         tokens[row, :len(prompt) + len(completion)] = torch.tensor(prompt + completion)
         mask[row, len(prompt) - 1:len(prompt) + len(completion) - 1] = True
     return tokens, mask
-
-
-def _task_spec(data: DataConfig) -> TaskSpec:
-    return TaskSpec(modulus=data.task_modulus, min_ops=data.task_min_ops, max_ops=data.task_max_ops,
-                    mul_max=data.task_mul_max)
 
 
 def prepare_demo(cfg: S2LConfig, spec: FamilySpec | None = None, timeout_s: float = 3600) -> S2LConfig:

@@ -40,6 +40,7 @@ class TrainResult:
 
     last_step: int
     history: list[dict[str, float]] = field(default_factory=list)
+    initial_eval: dict[str, float] = field(default_factory=dict)  # held-out pass@k before step 1 (fresh runs)
 
 
 def train(cfg: S2LConfig, rollout: RolloutHook | None = None) -> TrainResult:
@@ -58,6 +59,9 @@ def train(cfg: S2LConfig, rollout: RolloutHook | None = None) -> TrainResult:
     eval_scorer = MathScorer() if held_out else None  # one verifier worker for every evaluation of the run
     writer = _tensorboard(cfg)
     result = TrainResult(last_step=start - 1)
+    if held_out and start == 1:  # the baseline every later evaluation is read against
+        result.initial_eval = evaluate_learner(cfg, rollout, held_out, tokenizer, eval_scorer, step=0)
+        _log(writer, 0, result.initial_eval)
     bar = tqdm(range(start, cfg.train_steps + 1), desc="S2L-PO", initial=start - 1, total=cfg.train_steps,
                disable=not _is_first_rank())
     for step in bar:

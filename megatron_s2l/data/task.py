@@ -2,19 +2,21 @@
 
 A problem is a chain of operations evaluated left to right modulo `modulus`:
 
-    question:  "Compute left to right mod 10: 7+3*4-5"
-    solution:  "7+3=0 0*4=0 0-5=5 \\boxed{5}"
-    answer:    "5"
+    question:  "Compute left to right mod 10: 7+3-1+2"
+    solution:  "7+3=0 0-1=9 9+2=1 \\boxed{1}"
+    answer:    "1"
 
-Every intermediate result is written out (a short chain of thought), so a tiny model can learn one step
-at a time and errors compound with the chain's length, which is the difficulty knob (`min_ops`,
-`max_ops`), together with `modulus` and the largest multiplier `mul_max`. Answers are checked by the same
-verifier as real math data (`algo.rewards.math_reward` on the `\\boxed{...}` answer).
+Every intermediate result is written out (a short chain of thought), so a tiny model learns one step at
+a time and errors compound with the chain's length (`min_ops`, `max_ops`). Small steps (`max_addend`)
+keep each step learnable in minutes on CPU: the result stays close to the previous value, which a model
+picks up long before it could memorise a full modular table. Answers are checked by the same verifier as
+real math data (`algo.rewards.math_reward` on the `\\boxed{...}` answer).
 
 Everything is generated from a seed: `task_splits` returns disjoint train and held-out lists (no
 question appears in both), `pretraining_examples` the supervised texts (prompt + worked solution + EOS)
-that pretrain the demo's model family, and `write_jsonl` a benchmark file the prompt loaders and the
-evaluation read like any user dataset.
+written by a `Tutor` who may slip at random or have a blind spot for wrap-around steps (how the demo
+gives its two model sizes different kinds of mistakes), and `write_jsonl` a benchmark file the prompt
+loaders and the evaluation read like any user dataset.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ class TaskSpec:
     """Difficulty of the arithmetic chains."""
 
     modulus: int = 10  # every result is reduced modulo this; a random guess is right 1/modulus of the time
-    min_ops: int = 2  # fewest operations in a chain
+    min_ops: int = 3  # fewest operations in a chain
     max_ops: int = 5  # most operations in a chain (longer chains compound per-step errors)
-    mul_max: int = 9  # multipliers are drawn from 2..mul_max (addends from 1..modulus-1)
+    mul_max: int = 9  # multipliers are drawn from 2..mul_max
+    max_addend: int = 3  # addends and subtrahends are drawn from 1..max_addend (at most modulus-1)
+    ops: str = "+-"  # the operations a chain draws from, a selection of "+-*"
 
     def __post_init__(self):
         if self.modulus < 2:
@@ -46,6 +50,10 @@ class TaskSpec:
                              f"1 <= min_ops <= max_ops")
         if self.mul_max < 2:
             raise ValueError(f"TaskSpec.mul_max={self.mul_max}: must be >= 2")
+        if self.max_addend < 1:
+            raise ValueError(f"TaskSpec.max_addend={self.max_addend}: must be >= 1")
+        if not self.ops or set(self.ops) - set(OPS):
+            raise ValueError(f"TaskSpec.ops={self.ops!r}: must be a non-empty selection of {''.join(OPS)!r}")
 
     @property
     def instruction(self) -> str:
@@ -60,6 +68,28 @@ class Problem:
     question: str
     answer: str
     solution: str  # the chain of intermediate results ending in \boxed{answer}
+    start: int  # the chain's first number
+    chain: tuple[tuple[str, int], ...]  # its (operation, operand) steps, in order
+
+
+@dataclass(frozen=True)
+class Tutor:
+    """Who writes the worked solutions a model is pretrained on, and the mistakes they make.
+
+    A perfect tutor (the default) writes the ground truth. `slip_rate` is the chance that a step's
+    result is replaced by a random wrong one; `wrap_error_rate` the chance that a step whose exact
+    result leaves 0..modulus-1 (a wrap-around, like 8+3 mod 10) is written off by one, a consistent
+    blind spot rather than noise. Later steps continue from what was written, as a student copying
+    the solution would.
+    """
+
+    slip_rate: float = 0.0
+    wrap_error_rate: float = 0.0
+
+    def __post_init__(self):
+        for name in ("slip_rate", "wrap_error_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"Tutor.{name}={getattr(self, name)}: must be a probability in [0, 1]")
 
 
 class TextEncoder(Protocol):
@@ -72,19 +102,41 @@ class TextEncoder(Protocol):
 
 def make_problem(rng: random.Random, spec: TaskSpec, problem_id: str) -> Problem:
     """Draw one problem from `rng` (the only source of randomness) and solve it step by step."""
-    m = spec.modulus
-    value = rng.randrange(m)
-    expression, steps = str(value), []
+    start = rng.randrange(spec.modulus)
+    chain = []
     for _ in range(rng.randint(spec.min_ops, spec.max_ops)):
-        op = rng.choice(OPS)
-        operand = rng.randint(2, spec.mul_max) if op == "*" else rng.randint(1, m - 1)
-        result = apply_op(value, op, operand, m)
-        steps.append(f"{value}{op}{operand}={result}")
-        expression += f"{op}{operand}"
-        value = result
-    answer = str(value)
+        op = rng.choice(spec.ops)
+        chain.append((op, rng.randint(2, spec.mul_max) if op == "*" else rng.randint(1, min(spec.max_addend, spec.modulus - 1))))
+    solution, answer = worked_solution(start, chain, spec.modulus)
+    expression = str(start) + "".join(f"{op}{operand}" for op, operand in chain)
     return Problem(problem_id=problem_id, question=f"{spec.instruction} {expression}", answer=answer,
-                   solution=" ".join(steps) + f" \\boxed{{{answer}}}")
+                   solution=solution, start=start, chain=tuple(chain))
+
+
+def worked_solution(start: int, chain: Iterable[tuple[str, int]], modulus: int, tutor: Tutor = Tutor(),
+                    rng: random.Random | None = None) -> tuple[str, str]:
+    """The solution text `tutor` writes for a chain, and the answer it boxes (the truth for a perfect tutor).
+
+    `rng` draws the tutor's mistakes; it is required when the tutor makes any.
+    """
+    if rng is None and tutor != Tutor():
+        raise ValueError(f"worked_solution: {tutor} makes mistakes, so it needs an rng to draw them")
+    value, steps = start, []
+    for op, operand in chain:
+        result = apply_op(value, op, operand, modulus)
+        if tutor.wrap_error_rate and wraps(value, op, operand, modulus) and rng.random() < tutor.wrap_error_rate:
+            result = (result + 1) % modulus
+        elif tutor.slip_rate and rng.random() < tutor.slip_rate:
+            result = rng.choice([wrong for wrong in range(modulus) if wrong != result])
+        steps.append(f"{value}{op}{operand}={result}")
+        value = result
+    return " ".join(steps) + f" \\boxed{{{value}}}", str(value)
+
+
+def wraps(value: int, op: str, operand: int, modulus: int) -> bool:
+    """Whether `value op operand` leaves 0..modulus-1 before the reduction (the step that wraps around)."""
+    exact = {"+": value + operand, "-": value - operand, "*": value * operand}[op]
+    return not 0 <= exact < modulus
 
 
 def apply_op(value: int, op: str, operand: int, modulus: int) -> int:
@@ -128,14 +180,17 @@ def task_splits(num_train: int, num_eval: int, spec: TaskSpec, *, seed: int) -> 
     return train, held_out
 
 
-def pretraining_examples(problems: Iterable[Problem], tokenizer: TextEncoder,
-                         render: Callable[[str], str]) -> list[tuple[list[int], list[int]]]:
-    """Supervised texts for pretraining the family: (prompt_ids, completion_ids) per problem.
+def pretraining_examples(problems: Iterable[Problem], tokenizer: TextEncoder, render: Callable[[str], str],
+                         modulus: int, tutor: Tutor = Tutor(), seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    """Supervised texts for pretraining a model of the family: (prompt_ids, completion_ids) per problem.
 
     `render` turns a question into the prompt text (`data.tokenizer.render_prompt` with a template);
-    the completion is the worked solution followed by EOS, the part a trainer puts its loss on.
+    the completion is the solution `tutor` writes (its mistakes drawn from `seed`) followed by EOS, the
+    part a trainer puts its loss on.
     """
-    return [(tokenizer.encode(render(p.question)), tokenizer.encode(p.solution) + [tokenizer.eos_id])
+    rng = random.Random(seed)
+    return [(tokenizer.encode(render(p.question)),
+             tokenizer.encode(worked_solution(p.start, p.chain, modulus, tutor, rng)[0]) + [tokenizer.eos_id])
             for p in problems]
 
 

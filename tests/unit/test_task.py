@@ -2,11 +2,13 @@
 
 import json
 import operator
+import random
 import re
 
 import pytest
 
-from megatron_s2l.data.task import TaskSpec, generate_problems, pretraining_examples, task_splits, write_jsonl
+from megatron_s2l.data.task import (TaskSpec, Tutor, generate_problems, pretraining_examples, task_splits, worked_solution,
+                                    wraps, write_jsonl)
 
 SPEC = TaskSpec(modulus=10, min_ops=2, max_ops=5)
 
@@ -68,7 +70,7 @@ def test_splits_are_disjoint_and_stable():
 
 
 def test_too_small_a_space_is_reported():
-    tiny = TaskSpec(modulus=2, min_ops=1, max_ops=1, mul_max=2)  # 2 starts x 3 ops x 1 operand
+    tiny = TaskSpec(modulus=2, min_ops=1, max_ops=1, ops="+-*", mul_max=2)  # 2 starts x 3 ops x 1 operand
     assert len(generate_problems(6, tiny, seed=0)) == 6
     with pytest.raises(ValueError, match="too few distinct questions"):
         generate_problems(7, tiny, seed=0)
@@ -87,10 +89,35 @@ def test_pretraining_examples_end_with_eos():
             return [ord(c) for c in text]
 
     problems = generate_problems(3, SPEC, seed=0)
-    examples = pretraining_examples(problems, CharTokenizer(), render=lambda q: f"<{q}>")
+    examples = pretraining_examples(problems, CharTokenizer(), render=lambda q: f"<{q}>", modulus=10)
     for p, (prompt_ids, completion_ids) in zip(problems, examples):
         assert prompt_ids == [ord(c) for c in f"<{p.question}>"]
         assert completion_ids == [ord(c) for c in p.solution] + [1]
+
+
+def test_tutor_blind_spot_is_off_by_one_at_each_wrap_around():
+    # the blind tutor writes 8+3 (11, wraps) as 1+1=2, continues from 2: 2-2=0 is exact, 0-1 (wraps) is 9+1=0
+    solution, answer = worked_solution(8, [("+", 3), ("-", 2), ("-", 1)], 10, Tutor(wrap_error_rate=1.0),
+                                       random.Random(0))
+    assert solution == "8+3=2 2-2=0 0-1=0 \\boxed{0}" and answer == "0"
+    assert worked_solution(8, [("+", 3), ("-", 2), ("-", 1)], 10) == ("8+3=1 1-2=9 9-1=8 \\boxed{8}", "8")
+    assert [wraps(*step, 10) for step in ((8, "+", 3), (1, "-", 2), (9, "-", 1), (4, "*", 3))] == [True, True,
+                                                                                                   False, True]
+
+
+def test_tutor_slips_at_its_rate_and_never_writes_the_right_result_by_slipping():
+    rng = random.Random(1)
+    steps = [worked_solution(5, [("+", 1)], 10, Tutor(slip_rate=0.3), rng)[1] for _ in range(4000)]
+    wrong = [s for s in steps if s != "6"]
+    assert abs(len(wrong) / 4000 - 0.3) < 0.03  # binomial s.e. 0.007
+    assert set(wrong) == set("012345789")  # slips go anywhere but the right result
+
+
+def test_tutor_rates_are_validated_and_mistakes_need_an_rng():
+    with pytest.raises(ValueError, match="Tutor.slip_rate=1.5"):
+        Tutor(slip_rate=1.5)
+    with pytest.raises(ValueError, match="needs an rng"):
+        worked_solution(1, [("+", 1)], 10, Tutor(slip_rate=0.1))
 
 
 def test_write_jsonl(tmp_path):
