@@ -70,7 +70,7 @@ class FamilySpec:
     """Everything that defines the demo family; its hash names the cache directory."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    explorer: Member = field(default_factory=lambda: Member(_size(2, 128, 4, 2), steps=300, lr=2e-3, seed=1,
+    explorer: Member = field(default_factory=lambda: Member(_size(2, 128, 4, 2), steps=400, lr=2e-3, seed=1,
                                                             tutor=Tutor(slip_rate=0.35)))
     learner: Member = field(default_factory=lambda: Member(_size(4, 256, 8, 4), steps=300, lr=2e-3, seed=2,
                                                            tutor=Tutor(slip_rate=0.05, wrap_error_rate=0.9)))
