@@ -1,9 +1,10 @@
 """Resume mid-anneal reproduces the uninterrupted run exactly (CPU, one process).
 
-Run A trains 4 steps (combined groups, T_mix=3, KL on, checkpoints every 2 steps). Run B trains 2 steps,
-then a fresh process resumes from B's checkpoint to step 4. Steps 3-4 of the resumed run must report the
-very same metrics as A's steps 3-4 (rewards, losses, KL, explorer share), and the final checkpoints
-(weights, reference, optimizer state) must be identical tensor for tensor.
+Run A trains 4 steps (combined groups, T_mix=3, KL on, checkpoints and held-out evaluations every 2
+steps). Run B trains 2 steps, then a fresh process resumes from B's checkpoint to step 4. Steps 3-4 of the
+resumed run must report the very same metrics as A's steps 3-4 (rewards, losses, KL, explorer share), and
+the final checkpoints (weights, reference, optimizer state) must be identical tensor for tensor: the
+evaluation before step 1, which only fresh runs do, must not change what later steps sample.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ COMPARED = ("reward/mean", "reward/explorer", "reward/learner", "schedule/explor
             "advantage/learner")
 
 
-def _train(rank: int, world_size: int, cfg_dict: dict) -> list[dict]:
+def _train(rank: int, world_size: int, cfg_dict: dict) -> tuple[list[dict], dict]:
     from megatron_s2l.loop import resolve_models, train
 
     cfg = resolve_models(S2LConfig.from_dict(cfg_dict))
-    return train(cfg, rollout=even_token_rollout(cfg)).history
+    result = train(cfg, rollout=even_token_rollout(cfg))
+    return result.history, result.initial_eval
 
 
 def read_checkpoint(root, step: int, out) -> dict:
@@ -49,13 +51,17 @@ def read_checkpoint(root, step: int, out) -> dict:
 
 def test_resume_mid_anneal_equals_uninterrupted_run(tiny_family, tmp_path):
     def config(save: str, steps: int, load: str | None = None) -> dict:
-        return tiny_config(tiny_family, train_steps=steps,
+        return tiny_config(tiny_family, train_steps=steps, logging={"eval_interval": 2, "eval_samples": 2},
                            checkpoint={"save_dir": str(tmp_path / save), "save_interval": 2, "load_dir": load})
 
-    full = run_ranks(_train, 1, config("full", 4), timeout=240)[0]
-    first = run_ranks(_train, 1, config("resumed", 2), timeout=240)[0]
+    full, full_initial = run_ranks(_train, 1, config("full", 4), timeout=240)[0]
+    first, first_initial = run_ranks(_train, 1, config("resumed", 2), timeout=240)[0]
     assert latest_step(tmp_path / "resumed") == 2
-    rest = run_ranks(_train, 1, config("resumed", 4, load=str(tmp_path / "resumed")), timeout=240)[0]
+    rest, rest_initial = run_ranks(_train, 1, config("resumed", 4, load=str(tmp_path / "resumed")), timeout=240)[0]
+
+    # evaluated before step 1 by fresh runs only (random models never box an answer: pass@k is 0)
+    assert full_initial == first_initial == {"eval/pass@1": 0.0, "eval/pass@2": 0.0, "eval/mean_reward": 0.0}
+    assert rest_initial == {} and all("eval/pass@1" in m for m in (full[1], full[3], first[1], rest[1]))
 
     assert [m["schedule/explorer_share"] for m in full] == [1.0, 0.5, 0.0, 0.0]  # resumed mid-anneal
     assert len(first) == 2 and len(rest) == 2
