@@ -29,9 +29,9 @@ SEED = 7
 TIMEOUT = 240
 
 
-def make_batch() -> TrainBatch:
+def make_batch(seed: int = 0) -> TrainBatch:
     """10 sequences of length 14: prompts of 3-5 tokens, responses of 2-9 tokens, then padding."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     rows, length = sum(GROUP_SIZES), 14
     tokens = torch.randint(3, MODEL.vocab_size, (rows, length), generator=g)  # [B, L]
     mask = torch.zeros(rows, length - 1, dtype=torch.bool)  # [B, L-1]

@@ -17,37 +17,23 @@ import dataclasses
 import pytest
 import torch
 
-from megatron_s2l.config import FP8Config, LossConfig, ModelConfig, OptimConfig, ParallelConfig
+from megatron_s2l.config import FP8Config, LossConfig, OptimConfig, ParallelConfig
 from megatron_s2l.types import TrainBatch
+from tests.distributed.test_learner import GROUP_SIZES, MODEL, make_batch as learner_batch
 from tests.multiprocess import run_ranks
 
-MODEL = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=2, num_query_groups=2,
-                    kv_channels=32, vocab_size=96, max_position_embeddings=64)
 # rows of at most 16 tokens, 2 per micro-batch: the 10 sequences (5-13 tokens) fill 7 rows, 4 micro-batches
 PADDED = OptimConfig(lr=1e-2, clip_grad=1.0, mini_batch_prompts=5, micro_batch_size=3)
 PACKED = dataclasses.replace(PADDED, pack_sequences=True, pack_row_tokens=16, micro_batch_size=2)
 LOSS = LossConfig(kl_coef=0.05, kl_type="k3", entropy_coef=0.01, aggregation="seq-mean-token-mean")
-GROUP_SIZES = (2, 3, 2, 1, 2)
 STEPS = 3
 SEED = 11
 TIMEOUT = 240
 
 
 def make_batch() -> TrainBatch:
-    """10 sequences: prompts of 3-5 tokens, responses of 2-9 tokens, right-padded to 14 tokens."""
-    g = torch.Generator().manual_seed(1)
-    rows, length = sum(GROUP_SIZES), 14
-    tokens = torch.randint(3, MODEL.vocab_size, (rows, length), generator=g)  # [B, L]
-    mask = torch.zeros(rows, length - 1, dtype=torch.bool)  # [B, L-1]
-    for row in range(rows):
-        prompt, response = 3 + row % 3, 2 + (row * 5) % 8
-        mask[row, prompt - 1:prompt - 1 + response] = True
-        tokens[row, prompt + response:] = 2  # pad
-    group_index = torch.repeat_interleave(torch.arange(len(GROUP_SIZES)), torch.tensor(GROUP_SIZES))  # [B]
-    return TrainBatch(tokens=tokens, response_mask=mask,
-                      behaviour_logprobs=-torch.rand(rows, length - 1, generator=g) * mask,  # [B, L-1]
-                      is_explorer=torch.arange(rows) % 3 == 0, group_index=group_index,
-                      rewards=torch.zeros(rows), advantages=torch.randn(rows, generator=g))
+    """The Learner tests' 10 sequences (responses of 2-9 tokens) with other token ids and advantages."""
+    return learner_batch(seed=1)
 
 
 def scored(batch: TrainBatch) -> torch.Tensor:
