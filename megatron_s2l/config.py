@@ -368,6 +368,8 @@ class S2LConfig:
         """Check the whole tree; raise one ConfigError listing every problem."""
         errors = _validate_tree(self, "")
         errors += _positive(self, "", "train_steps", "prompts_per_step")
+        if self.seed < 0:  # seeds numpy's generators (PPO epoch order), which take only non-negative seeds
+            errors.append(f"seed={self.seed}: must be >= 0")
         if self.prompts_per_step % self.optim.mini_batch_prompts:
             errors.append(f"optim.mini_batch_prompts={self.optim.mini_batch_prompts}: must divide "
                           f"prompts_per_step={self.prompts_per_step}")

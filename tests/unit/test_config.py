@@ -22,6 +22,9 @@ def test_defaults_with_an_explorer_path_validate():
     ("loss", {"clip_low": 1.5}, "loss.clip_low=1.5: must be in [0, 1)"),
     ("loss", {"dual_clip": 0.5}, "loss.dual_clip=0.5: must be > 1 or null"),
     ("sampling_top_p", None, "learner_sampling.top_p=1.5: must be in (0, 1]"),
+    ("seed", -1, "seed=-1: must be >= 0"),
+    ("data", {"task_ops": "+/"}, "data.task_ops='+/': must be a non-empty selection of '+-*'"),
+    ("data", {"task_max_addend": 0}, "data.task_max_addend=0: must be >= 1"),
 ])
 def test_a_bad_value_names_the_field_and_the_accepted_range(section, value, expected):
     sections = {"explorer": {"hf_path": "/m"}}
