@@ -37,6 +37,7 @@ from megatron_s2l.config import EngineConfig, SamplingConfig
 from megatron_s2l.rollout.checks import check_hf_checkpoint
 from megatron_s2l.rollout.engine import counts_per_prompt, prompt_seed, sampling_record
 from megatron_s2l.rollout.refit import decode_bucket, encode_bucket, iter_buckets
+from megatron_s2l.rollout.vllm_cpu_shims import unique_cpu_shm_names
 from megatron_s2l.types import Prompt, Sample, Source
 
 _EXTENSION = "megatron_s2l.rollout.vllm_engine.WeightUpdateExtension"
@@ -154,6 +155,8 @@ class VLLMEngine:
                                                      else None)
             if bind:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+            if self._executor == "external_launcher":
+                unique_cpu_shm_names()
 
         kwargs = dict(model=hf_path, skip_tokenizer_init=True, tensor_parallel_size=self.cfg.tensor_parallel_size,
                       dtype=self.cfg.dtype, seed=self.cfg.seed, max_model_len=self.cfg.max_model_len,
