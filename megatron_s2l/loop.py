@@ -48,9 +48,7 @@ def train(cfg: S2LConfig, rollout: RolloutHook | None = None) -> TrainResult:
     cfg = resolve_models(cfg).validate()
     tokenizer = load_tokenizer(cfg.learner.hf_path)
     stream = PromptStream(prompts_from_config(cfg.data, tokenizer, "train").prompts, seed=cfg.data.seed)
-    learner = Learner(cfg.learner, cfg.parallel, cfg.optim, cfg.loss, cfg.fp8, seed=cfg.seed,
-                      with_reference=cfg.loss.kl_coef > 0)
-    learner.load_hf(read_hf_state(cfg.learner.hf_path))
+    learner = build_learner(cfg)
     start = _resume(cfg, learner, stream)
     rollout = rollout or build_rollout_phase(cfg, tokenizer)
     if start > 1:  # the engine was started from the initial weights
@@ -141,6 +139,15 @@ def resolve_models(cfg: S2LConfig) -> S2LConfig:
                                   params_dtype=cfg.learner.params_dtype,
                                   hf_path=cfg.learner.hf_path)
     return dataclasses.replace(cfg, learner=learner)
+
+
+def build_learner(cfg: S2LConfig) -> Learner:
+    """The Megatron learner of a resolved `cfg`, initialised from `learner.hf_path` (with its reference copy
+    when the loss has a KL term); it starts Megatron's process groups, so build it before the engines."""
+    learner = Learner(cfg.learner, cfg.parallel, cfg.optim, cfg.loss, cfg.fp8, seed=cfg.seed,
+                      with_reference=cfg.loss.kl_coef > 0)
+    learner.load_hf(read_hf_state(cfg.learner.hf_path))
+    return learner
 
 
 def build_rollout_phase(cfg: S2LConfig, tokenizer: PromptTokenizer) -> RolloutPhase:
