@@ -18,7 +18,9 @@ cost the explorer's parameters. Attention FLOPs are left out (sequences are shor
 
 Usage: .venv/bin/python bench/bench_s2l_vs_grpo.py [--seeds 1 2] [--steps 16] [--methods ...] [--out DIR]
        [--family DIR] [key=value overrides of the demo config]
-Writes results.json, results.md and results.png into --out (one JSON per run under runs/ as well).
+Writes results.json, results.md and results.png into --out (one JSON per run under runs/ as well). A run
+whose JSON is already there with the same steps, temperature and overrides is reused, so an interrupted
+bench resumes, and more seeds can be added later to the same --out.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ def run_one(method: str, seed: int, steps: int, hot_temperature: float, override
     result = train(cfg, rollout)
     record = {
         "method": method, "seed": seed, "steps": steps, "seconds": round(time.time() - started, 1),
+        "settings": run_settings(steps, hot_temperature, overrides),
         "params": {"learner": matmul_params(cfg.learner.hf_path), "explorer": matmul_params(cfg.explorer.hf_path)},
         "initial_eval": result.initial_eval, "history": result.history,
         "tokens": {str(step): by_source for step, by_source in sorted(rollout.tokens.items())},
@@ -118,6 +121,19 @@ def run_one(method: str, seed: int, steps: int, hot_temperature: float, override
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
     return record
+
+
+def run_settings(steps: int, hot_temperature: float, overrides: list[str]) -> dict:
+    """What, besides method and seed, decides a run's outcome: a saved run is reused only if these match."""
+    return {"steps": steps, "hot_temperature": hot_temperature, "overrides": list(overrides)}
+
+
+def saved_run(path: Path, settings: dict) -> dict | None:
+    """The record at `path` if an earlier (perhaps interrupted) bench run wrote it with the same settings."""
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("settings") == settings else None
 
 
 def rollout_flops(record: dict) -> list[float]:
@@ -256,14 +272,20 @@ def main(argv=None) -> None:
         run_one(args.worker[0], int(args.worker[1]), args.steps, args.hot_temperature, args.overrides, args.out)
         return
     records = []
+    settings = run_settings(args.steps, args.hot_temperature, args.overrides)
     for seed in args.seeds:  # seeds outer: a cut-short run still has every method for the first seeds
         for method in args.methods:
+            path = args.out / "runs" / f"{method}_seed{seed}.json"
+            if (record := saved_run(path, settings)) is not None:  # a rerun after a crash redoes only what is missing
+                records.append(record)
+                print(f"{method} seed {seed}: reused {path}", flush=True)
+                continue
             started = time.time()
             subprocess.run([sys.executable, __file__, "--worker", method, str(seed), "--steps", str(args.steps),
                             "--hot-temperature", str(args.hot_temperature), "--out", str(args.out), *args.overrides],
                            check=True, cwd=REPO,
                            env=os.environ | {"PYTHONPATH": str(REPO), "MASTER_PORT": str(_free_port())})
-            records.append(json.loads((args.out / "runs" / f"{method}_seed{seed}.json").read_text()))
+            records.append(json.loads(path.read_text()))
             print(f"{method} seed {seed}: {time.time() - started:.0f} s", flush=True)
     summary = summarise(records)
     args.out.mkdir(parents=True, exist_ok=True)
