@@ -5,6 +5,8 @@ Methods, all from examples/configs/demo.yaml with the same seeds, steps, prompts
   s2l_combined  S2L-PO as in the paper: explorer + learner samples in one group, explorer share annealed
                 1 -> 0 over the first half of the run (schedule.t_mix = steps // 2)
   s2l_separate  the authors' code: an explorer phase then a learner phase per step (two optimizer steps)
+  s2l_tis       s2l_combined with truncated importance sampling against the behaviour policy: an explorer
+                token's weight is min(pi_old / pi_explorer, loss.tis_cap) (verl's decoupled mode)
   grpo          plain on-policy GRPO (explorer.source=none)
   grpo_hot      GRPO sampling the learner at --hot-temperature (the paper's token-level diversity baseline);
                 it trains at that temperature but is evaluated at the demo's, like every other method
@@ -42,6 +44,7 @@ DEMO_CONFIG = REPO / "examples" / "configs" / "demo.yaml"
 METHODS = {
     "s2l_combined": ["schedule.group_mode=combined"],
     "s2l_separate": ["schedule.group_mode=separate"],
+    "s2l_tis": ["schedule.group_mode=combined", "loss.importance_correction=tis"],
     "grpo": ["explorer.source=none"],
     "grpo_hot": ["explorer.source=none"],
 }
