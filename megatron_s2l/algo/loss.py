@@ -27,6 +27,7 @@ and only `finalize_metrics` divides sums by their counts.
 
 from __future__ import annotations
 
+
 from typing import Optional
 
 import torch
@@ -259,13 +260,13 @@ def all_reduce_metrics(metrics: dict[str, Tensor], group: Optional[dist.ProcessG
 
 
 def finalize_metrics(metrics: dict[str, Tensor]) -> dict[str, float]:
-    """Turn combined sums into the reported values: the means of METRIC_MEANS (0 when the count is 0),
-    then every loss, count and maximum as is."""
+    """Turn combined sums into the reported values: the means of METRIC_MEANS, then every loss, count and
+    maximum as is. A mean over nothing (no learner tokens in an explorer-only step) is left out, as
+    `source_means` does: a 0 would read as a measurement (a prob error of 0 cannot happen)."""
     out = {}
     for name, (total, count) in METRIC_MEANS.items():
-        if total in metrics:
-            denominator = float(metrics[count])
-            out[name] = float(metrics[total]) / denominator if denominator else 0.0
+        if total in metrics and float(metrics[count]):
+            out[name] = float(metrics[total]) / float(metrics[count])
     sums = {total for total, _ in METRIC_MEANS.values()}
     out.update({k: float(v) for k, v in metrics.items() if k not in sums})
     return out

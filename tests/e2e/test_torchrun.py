@@ -49,3 +49,6 @@ def test_torchrun_two_ranks_tp2_logs_and_saves(tiny_family, tmp_path):
     assert not missing, (missing, scalars)
     assert [e.step for e in events.Scalars("reward/mean")] == list(range(1, STEPS + 1))
     assert [e.value for e in events.Scalars("schedule/explorer_share")] == [1.0, 0.5]  # T_mix=3, linear
+    # Trainer vs engine probability ratio on learner tokens: none at step 1 (explorer only), ~1 at step 2 (fp32).
+    prob_error = events.Scalars("train/token_mult_prob_error")
+    assert [e.step for e in prob_error] == [2] and abs(prob_error[0].value - 1.0) < 1e-3, prob_error

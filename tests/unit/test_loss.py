@@ -208,6 +208,16 @@ def test_per_source_metrics():
     assert summary["explorer_advantage"] == pytest.approx(1.25) and summary["learner_advantage"] == -1.0
 
 
+def test_means_over_no_learner_tokens_are_left_out():
+    # An explorer-only step (alpha = 1): no learner tokens, so no trainer/engine mismatch to report.
+    old = torch.zeros(2, 2)
+    _, metrics, _ = _loss(old.clone(), old, torch.tensor([1.0, -1.0]), torch.ones(2, 2, dtype=torch.bool),
+                          behaviour_logprobs=torch.full((2, 2), -0.5), is_explorer=torch.tensor([True, True]))
+    summary = finalize_metrics({k: torch.tensor(v) for k, v in metrics.items()})
+    assert "token_mult_prob_error" not in summary and "learner_advantage" not in summary
+    assert summary["explorer_advantage"] == 0.0 and summary["learner_tokens"] == 0
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(kl_coef=0.1), "kl_coef=0.1 needs ref_logprobs"),
     (dict(importance_correction="tis"), "needs behaviour_logprobs"),
