@@ -142,6 +142,6 @@ def _import_bridge():
         from megatron.bridge.training import config
     except ImportError as err:
         raise ImportError(f"Megatron-Bridge recipes need megatron.bridge ({err}); it installs on GPU clusters "
-                          f"(NGC NeMo containers, Python >= 3.12 with Transformer Engine), not on CPU machines. "
+                          f"(NGC NeMo containers): it imports Transformer Engine, which needs CUDA. "
                           f"examples/pretrain_s2l.py runs the same settings without it: s2l_settings(...)") from err
     return AutoBridge, config

@@ -4,7 +4,6 @@ megatron.bridge: GPU clusters only, skipped with the reason elsewhere)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,16 +14,19 @@ from megatron_s2l.launch import bridge_recipes as recipes
 from megatron_s2l.learner.hf_weights import model_config_from_dict
 
 
-def _bridge_available() -> bool:
+def _bridge_import_error() -> str | None:
+    """Why megatron.bridge cannot be imported here, or None when it can."""
     try:
-        return importlib.util.find_spec("megatron.bridge") is not None
-    except ModuleNotFoundError:
-        return False
+        import megatron.bridge  # noqa: F401
+    except ImportError as err:
+        return str(err)
+    return None
 
 
-needs_bridge = pytest.mark.skipif(not _bridge_available(),
-                                  reason="megatron.bridge is not installed (it installs on GPU clusters only: "
-                                         "Python >= 3.12 with Transformer Engine)")
+BRIDGE_ERROR = _bridge_import_error()
+needs_bridge = pytest.mark.skipif(BRIDGE_ERROR is not None,
+                                  reason=f"megatron.bridge cannot be imported ({BRIDGE_ERROR}): Megatron-Bridge needs "
+                                         f"Transformer Engine, so it runs on CUDA machines only")
 
 
 @pytest.fixture
@@ -83,7 +85,7 @@ def test_hub_ids_and_unknown_recipes_are_refused(hf_dirs, tmp_path):
                              run_dir=str(tmp_path))
 
 
-@pytest.mark.skipif(_bridge_available(), reason="megatron.bridge is installed: the recipe builds instead")
+@pytest.mark.skipif(BRIDGE_ERROR is None, reason="megatron.bridge is installed: the recipe builds instead")
 def test_recipe_without_bridge_says_where_it_runs(hf_dirs, tmp_path):
     with pytest.raises(ImportError, match="Megatron-Bridge recipes need megatron.bridge .* GPU clusters"):
         recipes.qwen3_8b_s2l_config(hf_dirs["learner"], hf_dirs["explorer"], run_dir=str(tmp_path))
