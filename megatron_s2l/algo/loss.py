@@ -27,7 +27,6 @@ and only `finalize_metrics` divides sums by their counts.
 
 from __future__ import annotations
 
-
 from typing import Optional
 
 import torch

@@ -39,14 +39,10 @@ def unique_cpu_shm_names() -> None:
 
     def init_cpu_shm(self) -> int:
         handle = vllm_init_shm(self)  # returns once every rank has joined (mapped) every segment
-        os.unlink(shm_path(self.group_name, self.communicator.rank))
+        os.unlink(f"/dev/shm/{self.group_name}_{self.communicator.rank}")  # vLLM's name for this rank's segment
         return handle
 
     _CPUSHMDistributed.make_group_name = staticmethod(make_group_name)
     _CPUSHMDistributed._init_cpu_shm = init_cpu_shm
     _CPUSHMDistributed._s2l_unique_names = True
 
-
-def shm_path(group_name: str, rank: int) -> str:
-    """Where Linux keeps the segment vLLM names `<group_name>_<rank>`."""
-    return f"/dev/shm/{group_name.lstrip('/')}_{rank}"
