@@ -45,4 +45,3 @@ def unique_cpu_shm_names() -> None:
     _CPUSHMDistributed.make_group_name = staticmethod(make_group_name)
     _CPUSHMDistributed._init_cpu_shm = init_cpu_shm
     _CPUSHMDistributed._s2l_unique_names = True
-
