@@ -139,6 +139,28 @@ def saved_run(path: Path, settings: dict) -> dict | None:
     return record if record.get("settings") == settings else None
 
 
+def blind_spot_prompts(out: Path, min_wraps: int, num_eval: int) -> list[str]:
+    """Overrides that train and evaluate on problems with >= `min_wraps` wrap-around steps, the demo learner's
+    blind spot: its training prompts filtered, and `num_eval` new held-out problems, none of them seen in
+    the family's pretraining (written as JSONL under `out`)."""
+    from megatron_s2l.config import S2LConfig
+    from megatron_s2l.data.prompts import task_spec
+    from megatron_s2l.data.task import generate_problems, task_splits, wrap_count, write_jsonl
+
+    data = S2LConfig.from_yaml(DEMO_CONFIG).data
+    spec = task_spec(data)
+    train, held_out = task_splits(data.task_num_train, data.task_num_eval, spec, seed=data.seed)
+    fresh = generate_problems(20 * num_eval, spec, seed=data.seed + 2, prefix="blind",
+                              exclude=[p.question for p in train + held_out])
+    hard_eval = [p for p in fresh if wrap_count(p, spec.modulus) >= min_wraps][:num_eval]
+    if len(hard_eval) < num_eval:
+        raise ValueError(f"--min-wraps {min_wraps}: only {len(hard_eval)} of {len(fresh)} new problems have that many "
+                         f"wrap-arounds; lower it")
+    train_path = write_jsonl([p for p in train if wrap_count(p, spec.modulus) >= min_wraps], out / "blind_train.jsonl")
+    eval_path = write_jsonl(hard_eval, out / "blind_eval.jsonl")
+    return [f"data.train_path={train_path}", f"data.eval_path={eval_path}"]
+
+
 def rollout_flops(record: dict) -> list[float]:
     """Cumulative training-rollout FLOPs after each step."""
     total, out = 0.0, []
@@ -265,12 +287,17 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench_s2l_vs_grpo"))
     parser.add_argument("--family", type=Path, help="a demo family built elsewhere (python -m megatron_s2l.demo "
                         "--out DIR); default: the cached runs/demo_family/<hash>, built if missing")
+    parser.add_argument("--min-wraps", type=int, default=0,
+                        help="train and evaluate only on problems with at least this many wrap-around steps (the "
+                             "demo learner's blind spot; the held-out set is then 200 new such problems)")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the demo config, e.g. prompts_per_step=8")
     args = parser.parse_args(argv)
     if args.family:
         args.overrides = [f"learner.hf_path={args.family / 'learner'}", f"explorer.hf_path={args.family / 'explorer'}",
                           *args.overrides]
+    if args.min_wraps and not args.worker:
+        args.overrides = [*blind_spot_prompts(args.out, args.min_wraps, num_eval=200), *args.overrides]
     if args.worker:
         run_one(args.worker[0], int(args.worker[1]), args.steps, args.hot_temperature, args.overrides, args.out)
         return

@@ -139,6 +139,15 @@ def wraps(value: int, op: str, operand: int, modulus: int) -> bool:
     return not 0 <= exact < modulus
 
 
+def wrap_count(problem: Problem, modulus: int) -> int:
+    """How many steps of `problem`'s exact solution wrap around (the steps the demo learner's tutor botches)."""
+    value, count = problem.start, 0
+    for op, operand in problem.chain:
+        count += wraps(value, op, operand, modulus)
+        value = apply_op(value, op, operand, modulus)
+    return count
+
+
 def apply_op(value: int, op: str, operand: int, modulus: int) -> int:
     """One step of a chain: `(value op operand) mod modulus`, always in [0, modulus)."""
     if op == "+":

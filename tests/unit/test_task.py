@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from megatron_s2l.data.task import (TaskSpec, Tutor, generate_problems, pretraining_examples, task_splits, worked_solution,
-                                    wraps, write_jsonl)
+from megatron_s2l.data.task import (Problem, TaskSpec, Tutor, generate_problems, pretraining_examples, task_splits,
+                                    worked_solution, wrap_count, wraps, write_jsonl)
 
 SPEC = TaskSpec(modulus=10, min_ops=2, max_ops=5)
 
@@ -103,6 +103,13 @@ def test_tutor_blind_spot_is_off_by_one_at_each_wrap_around():
     assert worked_solution(8, [("+", 3), ("-", 2), ("-", 1)], 10) == ("8+3=1 1-2=9 9-1=8 \\boxed{8}", "8")
     assert [wraps(*step, 10) for step in ((8, "+", 3), (1, "-", 2), (9, "-", 1), (4, "*", 3))] == [True, True,
                                                                                                    False, True]
+
+
+def test_wrap_count_follows_the_exact_chain():
+    # 8+3 = 11 wraps -> 1; 1-2 = -1 wraps -> 9; 9-1 = 8 does not; 8+2 = 10 wraps
+    problem = Problem("p", "q", "0", "s", start=8, chain=(("+", 3), ("-", 2), ("-", 1), ("+", 2)))
+    assert wrap_count(problem, 10) == 3
+    assert wrap_count(Problem("p", "q", "6", "s", start=2, chain=(("+", 3), ("-", 1), ("+", 2))), 10) == 0
 
 
 def test_tutor_slips_at_its_rate_and_never_writes_the_right_result_by_slipping():
