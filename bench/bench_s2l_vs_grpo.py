@@ -19,7 +19,10 @@ engine and group (vLLM's prefix cache shares a prompt between the samples of a g
 cost the explorer's parameters. Attention FLOPs are left out (sequences are short).
 
 Usage: .venv/bin/python bench/bench_s2l_vs_grpo.py [--seeds 1 2] [--steps 16] [--methods ...] [--out DIR]
-       [--family DIR] [key=value overrides of the demo config]
+       [--family DIR] [--min-wraps N] [key=value overrides of the demo config]
+--min-wraps N trains and evaluates only on problems with at least N wrap-around steps, where the demo learner's
+tutor taught it wrong (its blind spot): the regime of the paper, in which the learner's own groups rarely hold
+a correct sample.
 Writes results.json, results.md and results.png into --out (one JSON per run under runs/ as well). A run
 whose JSON is already there with the same steps, temperature and overrides is reused, so an interrupted
 bench resumes, and more seeds can be added later to the same --out.
