@@ -13,8 +13,8 @@ import argparse
 from pathlib import Path
 
 from megatron_s2l.config import S2LConfig
-from megatron_s2l.demo import prepare_demo
-from megatron_s2l.loop import train
+from megatron_s2l.console import run_main
+from megatron_s2l.rollout.checks import check_config
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 # Megatron-LM flag -> dotted config field.
@@ -50,8 +50,13 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv=None) -> None:
     args, overrides = parse_args(argv)
-    cfg = S2LConfig.from_yaml(args.config or DEMO_CONFIG, overrides)
-    if args.config is None:
+    cfg, problems = S2LConfig.parse_yaml(args.config or DEMO_CONFIG, overrides)
+    demo = args.config is None  # the demo fills in the model paths once its family is built
+    check_config(cfg, problems, check_files=not demo)  # every problem at once, before anything slow
+    from megatron_s2l.demo import prepare_demo  # Megatron and vLLM: imported once the config is known good
+    from megatron_s2l.loop import train
+
+    if demo:
         cfg = prepare_demo(cfg)
     result = train(cfg)
     print(f"trained {result.last_step} steps; final reward {result.history[-1]['reward/mean']:.3f}"
@@ -59,4 +64,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":  # checkpoint writers re-import __main__
-    main()
+    run_main(main, Path(__file__).name)

@@ -3,7 +3,10 @@
 Every section is a dataclass whose fields carry their documentation as a comment. A config is built
 from YAML (`S2LConfig.from_yaml`) or a dict, then overridden by dotted `key=value` pairs from the
 command line, then validated once at start-up: `validate()` collects *every* error, each naming the
-field, the value, what is accepted and what to change. Unknown keys are errors, never ignored.
+field, the value, what is accepted and what to change. Unknown keys are errors, never ignored ("did you
+mean ...?" for near misses). `parse`/`parse_yaml` build a tree without stopping at the first mistake, so an
+entry point reports the parse problems together with those of the values and of the paths the config
+names (`rollout.checks.check_config` adds the checkpoints' weights and tokenizers).
 
 Math modules never import this file: integrations unpack the section they need into keyword arguments.
 """
@@ -11,6 +14,7 @@ Math modules never import this file: integrations unpack the section they need i
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +24,24 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """Raised with every problem found in a config, one per line."""
+    """Every problem found in a config (or a tool's arguments), one per line: what a user reads, no traceback.
+
+    Entry points print it on the first rank and exit with status 2 (`megatron_s2l.console.run_main`).
+    """
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        count = len(self.problems)
+        if count == 1:
+            super().__init__(self.problems[0])
+        else:
+            super().__init__(f"{count} problems:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def raise_problems(problems: list[str]) -> None:
+    """Raise one ConfigError listing `problems`, if there are any."""
+    if problems:
+        raise ConfigError(problems)
 
 
 def _choices(literal_type) -> tuple:
@@ -144,14 +165,7 @@ class ExplorerConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.95))
 
     def validate(self, at: str) -> list[str]:
-        errors = self.engine.validate(f"{at}.engine") + self.sampling.validate(f"{at}.sampling")
-        if self.source == "online" and not self.hf_path:
-            errors.append(f"{at}.hf_path is empty: source='online' needs the explorer's local HF directory "
-                          f"(or set {at}.source='offline' with {at}.cache_path)")
-        if self.source == "offline" and not self.cache_path:
-            errors.append(f"{at}.cache_path is empty: source='offline' needs a cache file "
-                          f"(write one with tools/generate_explorer_cache.py)")
-        return errors
+        return self.engine.validate(f"{at}.engine") + self.sampling.validate(f"{at}.sampling")
 
 
 @dataclass
@@ -364,76 +378,147 @@ class S2LConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    def validate(self) -> "S2LConfig":
-        """Check the whole tree; raise one ConfigError listing every problem."""
+    def problems(self, check_files: bool = True) -> list[str]:
+        """Every problem of the tree's values and, with `check_files`, of the paths it names."""
         errors = _validate_tree(self, "")
         errors += _positive(self, "", "train_steps", "prompts_per_step")
         if self.seed < 0:  # seeds numpy's generators (PPO epoch order), which take only non-negative seeds
             errors.append(f"seed={self.seed}: must be >= 0")
-        if self.prompts_per_step % self.optim.mini_batch_prompts:
+        if self.optim.mini_batch_prompts > 0 and self.prompts_per_step % self.optim.mini_batch_prompts:
             errors.append(f"optim.mini_batch_prompts={self.optim.mini_batch_prompts}: must divide "
                           f"prompts_per_step={self.prompts_per_step}")
-        if errors:
-            raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        return errors + (_path_problems(self) if check_files else [])
+
+    def validate(self, check_files: bool = True) -> "S2LConfig":
+        """Check the whole tree (and, with `check_files`, that the paths it names exist); raise one ConfigError
+        listing every problem, else return self."""
+        raise_problems(self.problems(check_files))
         return self
 
     @classmethod
-    def from_dict(cls, data: dict) -> "S2LConfig":
-        return _build(cls, data or {}, "")
+    def parse(cls, data: Any) -> tuple["S2LConfig", list[str]]:
+        """Build the tree from a mapping, collecting every unknown key and wrong type instead of stopping at
+        the first; a field with a problem keeps its default. Returns the tree and the problems."""
+        problems: list[str] = []
+        return _build(cls, {} if data is None else data, "", problems), problems
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> "S2LConfig":
-        """Load a YAML file, apply `a.b.c=value` overrides (values parsed as YAML)."""
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
-        return cls.from_dict(apply_overrides(data, overrides))
+    def parse_yaml(cls, path: str | Path, overrides: list[str] = ()) -> tuple["S2LConfig", list[str]]:
+        """`parse` of a YAML file with `a.b.c=value` overrides (values parsed as YAML) applied on top."""
+        data, override_problems = _apply_overrides(_read_yaml(path), overrides)
+        cfg, build_problems = cls.parse(data)
+        return cfg, override_problems + build_problems
+
+    @classmethod
+    def from_dict(cls, data: dict, check_files: bool = True) -> "S2LConfig":
+        """Build the tree; a parse problem raises one ConfigError with every problem of the mapping (and of
+        the values and, with `check_files`, paths of what could be built). Call `validate()` on the result."""
+        return _parsed(*cls.parse(data), check_files)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] = (), check_files: bool = True) -> "S2LConfig":
+        """`from_dict` of a YAML file with `a.b.c=value` overrides (values parsed as YAML) applied on top."""
+        return _parsed(*cls.parse_yaml(path, overrides), check_files)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Return a copy of `data` with each `dotted.key=yaml_value` set."""
-    import copy
+def _parsed(cfg: S2LConfig, problems: list[str], check_files: bool) -> S2LConfig:
+    """`cfg`, or one ConfigError with the parse `problems` and those of what could be built."""
+    if problems:
+        raise ConfigError(problems + cfg.problems(check_files))
+    return cfg
 
-    data = copy.deepcopy(data)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. schedule.t_mix=4")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of `data` with each `dotted.key=yaml_value` set; one ConfigError names every bad one."""
+    data, problems = _apply_overrides(data, overrides)
+    raise_problems(problems)
     return data
 
 
-def _build(cls, data: Any, at: str):
+def _apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, list[str]]:
+    import copy
+
+    data, problems = copy.deepcopy(data), []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override {item!r}: expected dotted.key=value, e.g. schedule.t_mix=4")
+            continue
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            problems.append(f"override {item!r}: {'.'.join(parents)!r} is not a section")
+        else:
+            try:
+                node[leaf] = yaml.safe_load(raw)
+            except yaml.YAMLError as err:
+                problems.append(f"override {item!r}: the value is not valid YAML ({_one_line(err)})")
+    return data, problems
+
+
+def _read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML file; a file that cannot be read raises a ConfigError (nothing else is known)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: no such file (pass an existing YAML to --config, e.g. "
+                          f"examples/configs/demo.yaml)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path}: is a directory, not a YAML file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path}: not valid YAML ({_one_line(err)})") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections, got "
+                          f"{type(data).__name__}")
+    return data or {}
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _build(cls, data: Any, at: str, problems: list[str]):
+    """An instance of the dataclass `cls` from `data`; unknown keys and wrong values go to `problems` (with a
+    "did you mean" for near misses) and leave the field at its default."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{at or 'config'}: expected a mapping for {cls.__name__}, got {data!r}")
+        problems.append(f"{at or 'config'}={data!r}: expected a section (a mapping of {cls.__name__} fields)")
+        return cls()
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{at or 'config'}: unknown key(s) {unknown}; accepted: {sorted(names)}")
+    names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for name, value in data.items():
-        hint = hints[name]
-        path = f"{at}.{name}" if at else name
-        kwargs[name] = _build(hint, value, path) if dataclasses.is_dataclass(hint) else _coerce(hint, value, path)
+        path = f"{at}.{name}" if at else str(name)
+        if name not in names:
+            what = "section" if not at else "key"
+            problems.append(f"{path}: unknown {what}"
+                            + (_close_match(str(name), names) or f"; accepted: {', '.join(names)}"))
+        elif dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], value, path, problems)
+        else:
+            try:
+                kwargs[name] = _coerce(hints[name], value, path)
+            except ConfigError as err:
+                problems.extend(err.problems)
     return cls(**kwargs)
+
+
+def _close_match(name: str, options) -> str:
+    """"; did you mean 'x'?" for the closest of `options`, or "" when none is close."""
+    close = difflib.get_close_matches(name, [str(o) for o in options], n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _coerce(hint, value, at: str):
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{at}={value!r}: accepted values are {list(args)}")
+            raise ConfigError(f"{at}={value!r}: accepted values are {list(args)}{_close_match(str(value), args)}")
         return value
     if origin is typing.Union:  # Optional[X]
         if value is None:
@@ -450,6 +535,48 @@ def _coerce(hint, value, at: str):
                                                 (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{at}={value!r}: expected {hint.__name__}")
     return value
+
+
+def _path_problems(cfg: S2LConfig) -> list[str]:
+    """Paths the tree names that are empty or do not exist: everything about files that can be known before
+    a model is loaded (the loop adds what needs the models' own code, such as tokenizer agreement)."""
+    problems = _model_dir_problems("learner.hf_path", cfg.learner.hf_path,
+                                   "set it to the learner's local HF directory (convert a Megatron checkpoint "
+                                   "with tools/convert_megatron_to_hf.py), or run the demo without --config")
+    explorer = cfg.explorer
+    if explorer.source == "online":
+        problems += _model_dir_problems("explorer.hf_path", explorer.hf_path,
+                                        "source='online' needs the explorer's local HF directory (or set "
+                                        "explorer.source='offline' with explorer.cache_path)")
+    if explorer.source == "offline":
+        problems += _file_problems("explorer.cache_path", explorer.cache_path, "source='offline' needs a cache "
+                                   "file (write one with tools/generate_explorer_cache.py)")
+    for name in ("train_path", "eval_path"):
+        if getattr(cfg.data, name) is not None:
+            problems += _file_problems(f"data.{name}", getattr(cfg.data, name), "")
+    load_dir, save_dir = cfg.checkpoint.load_dir, cfg.checkpoint.save_dir
+    same_as_save = save_dir is not None and Path(load_dir or "").resolve() == Path(save_dir).resolve()
+    if load_dir is not None and not Path(load_dir).is_dir() and not same_as_save:
+        problems.append(f"checkpoint.load_dir={load_dir!r}: no such directory (point it at a checkpoint root "
+                        f"holding 'latest'; a load_dir equal to save_dir may be absent on the first run)")
+    return problems
+
+
+def _model_dir_problems(at: str, path: Optional[str], when_empty: str) -> list[str]:
+    if not path:
+        return [f"{at} is empty: {when_empty}"]
+    if not Path(path).is_dir():
+        return [f"{at}={path!r}: no such directory (expected a local HF model directory with config.json and "
+                f"*.safetensors)"]
+    if not (Path(path) / "config.json").is_file():
+        return [f"{at}={path!r}: config.json is missing (copy the whole HF model directory)"]
+    return []
+
+
+def _file_problems(at: str, path: Optional[str], when_empty: str) -> list[str]:
+    if not path:
+        return [f"{at} is empty: {when_empty}"]
+    return [] if Path(path).is_file() else [f"{at}={path!r}: no such file"]
 
 
 def _validate_tree(node, at: str) -> list[str]:

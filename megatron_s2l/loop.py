@@ -25,7 +25,7 @@ from megatron_s2l.evaluation.passk_eval import evaluate_prompts, passk_summary
 from megatron_s2l.learner.checkpoint import load_checkpoint, save_checkpoint
 from megatron_s2l.learner.hf_weights import export_hf_weights, model_config_from_hf, read_hf_state
 from megatron_s2l.learner.step import Learner
-from megatron_s2l.rollout.checks import check_tokenizers_agree
+from megatron_s2l.rollout.checks import check_config
 from megatron_s2l.rollout.explorer_cache import ExplorerCache
 from megatron_s2l.rollout.mixer import S2LMixer
 from megatron_s2l.rollout.phase import RolloutHook, RolloutPhase
@@ -45,7 +45,7 @@ class TrainResult:
 
 def train(cfg: S2LConfig, rollout: RolloutHook | None = None) -> TrainResult:
     """Run S2L-PO per `cfg`; `rollout` replaces the default rollout phase (online/offline explorer + vLLM learner)."""
-    cfg = resolve_models(cfg).validate()
+    cfg = resolve_models(check_config(cfg))
     tokenizer = load_tokenizer(cfg.learner.hf_path)
     stream = PromptStream(prompts_from_config(cfg.data, tokenizer, "train").prompts, seed=cfg.data.seed)
     learner = build_learner(cfg)
@@ -131,10 +131,8 @@ def with_advantages(batch: TrainBatch, cfg: S2LConfig) -> tuple[TrainBatch, dict
 
 
 def resolve_models(cfg: S2LConfig) -> S2LConfig:
-    """`cfg` with the learner's architecture read from its HF directory (the one source of truth)."""
-    if cfg.learner.hf_path is None:
-        raise ValueError("learner.hf_path is empty: set it to the learner's local HF directory (convert a Megatron "
-                         "checkpoint with tools/convert_megatron_to_hf.py), or run the demo without --config")
+    """A checked `cfg` (`check_config`) with the learner's architecture read from its HF directory (the one
+    source of truth)."""
     learner = dataclasses.replace(model_config_from_hf(cfg.learner.hf_path), layer_spec=cfg.learner.layer_spec,
                                   params_dtype=cfg.learner.params_dtype,
                                   hf_path=cfg.learner.hf_path)
@@ -156,7 +154,6 @@ def build_rollout_phase(cfg: S2LConfig, tokenizer: PromptTokenizer) -> RolloutPh
                                 eos_token_id=tokenizer.eos_id)
     explorer = None
     if cfg.explorer.source == "online":
-        check_tokenizers_agree(cfg.explorer.hf_path, cfg.learner.hf_path)
         explorer = VLLMEngine(cfg.explorer.hf_path, cfg.explorer.engine, source="explorer",
                               model_id=cfg.explorer.model_id, eos_token_id=tokenizer.eos_id)
     elif cfg.explorer.source == "offline":

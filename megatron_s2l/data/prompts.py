@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from megatron_s2l.config import DataConfig
+from megatron_s2l.config import ConfigError, DataConfig
 from megatron_s2l.data.task import DATA_SOURCE, Problem, TaskSpec, task_splits
 from megatron_s2l.data.tokenizer import PromptTokenizer, render_prompt
 from megatron_s2l.types import Prompt
@@ -32,8 +32,9 @@ from megatron_s2l.types import Prompt
 ON_BAD_PROMPT = ("error", "drop")
 
 
-class PromptFileError(ValueError):
-    """A bad row in a prompt file; the message starts with `file:line` (or `file: row N`)."""
+class PromptFileError(ConfigError):
+    """A bad row in a prompt file; the message starts with `file:line` (or `file: row N`). A mistake in the
+    user's data, reported like one in the config: one line, no traceback."""
 
 
 @dataclass

@@ -132,7 +132,9 @@ def qwen3_14b_s2l_config(learner_hf_path: str, explorer_hf_path: str, *, run_dir
 def _recipe(name, learner_hf_path, explorer_hf_path, run_dir, train_path, overrides) -> Any:
     settings = s2l_settings(name, learner_hf_path=learner_hf_path, explorer_hf_path=explorer_hf_path,
                             run_dir=run_dir, train_path=train_path, overrides=overrides)
-    return bridge_config(S2LConfig.from_dict(settings).validate())
+    # Values only: the paper config's data paths are placeholders until the user's overrides set them, and the
+    # job checks its files where it starts.
+    return bridge_config(S2LConfig.from_dict(settings).validate(check_files=False))
 
 
 def _import_bridge():

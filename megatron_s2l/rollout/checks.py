@@ -1,8 +1,10 @@
-"""Start-up checks on HF checkpoints: readable weights, and explorer/learner tokenizers that agree.
+"""Start-up checks: the whole config at once, HF checkpoints with readable weights, and explorer/learner
+tokenizers that agree.
 
 An explorer whose token ids mean something else than the learner's would silently train the learner
 on garbage; a half-copied checkpoint would fail deep inside vLLM. Both are caught here with the path
-and what is wrong.
+and what is wrong. This module imports nothing heavy, so entry points check a config in a second, before
+they import Megatron and vLLM.
 """
 
 from __future__ import annotations
@@ -10,7 +12,35 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_s2l.config import S2LConfig, raise_problems
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def check_config(cfg: S2LConfig, problems: list[str] = (), check_files: bool = True) -> S2LConfig:
+    """Raise one ConfigError listing `problems` (from parsing), every problem of `cfg`'s values and, with
+    `check_files`, of its paths and of the explorer's tokenizer against the learner's; else return `cfg`.
+
+    Everything a user can get wrong before the first step is found here, at once, before anything slow.
+    """
+    found = list(problems) + cfg.problems(check_files)
+    models = {"learner": cfg.learner.hf_path}
+    if cfg.explorer.source == "online":
+        models["explorer"] = cfg.explorer.hf_path
+    # Only directories that config.json says are models: the others are already reported by the config.
+    readable = {role: path for role, path in models.items() if path and (Path(path) / "config.json").is_file()}
+    for role, path in readable.items() if check_files else ():
+        try:
+            check_hf_checkpoint(path, role=role)
+        except ValueError as err:
+            found.append(str(err))
+    if check_files and len(readable) == 2:
+        try:
+            check_tokenizers_agree(readable["explorer"], readable["learner"])
+        except ValueError as err:
+            found.append(str(err))
+    raise_problems(found)
+    return cfg
 
 
 def check_hf_checkpoint(path: str | Path, *, role: str = "explorer") -> Path:

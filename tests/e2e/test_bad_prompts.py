@@ -29,6 +29,7 @@ def test_bad_prompt_file_stops_with_file_and_line(tiny_family, tmp_path, case):
                                       checkpoint={"save_dir": str(tmp_path / "ckpt")}), tmp_path / "bad.yaml")
     done = subprocess.run([sys.executable, str(REPO / "examples" / "pretrain_s2l.py"), "--config", str(config)],
                           env=job_env(), cwd=tmp_path, capture_output=True, text=True, timeout=180)
-    assert done.returncode != 0
-    assert f"PromptFileError: {prompts}{expected}" in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 2  # a mistake in the user's data: one line, no traceback
+    assert f"pretrain_s2l.py: error: {prompts}{expected}" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
     assert "vllm" not in done.stdout.lower() and not (tmp_path / "ckpt").exists()  # stopped before any engine

@@ -52,3 +52,14 @@ def test_torchrun_two_ranks_tp2_logs_and_saves(tiny_family, tmp_path):
     # Trainer vs engine probability ratio on learner tokens: none at step 1 (explorer only), ~1 at step 2 (fp32).
     prob_error = events.Scalars("train/token_mult_prob_error")
     assert [e.step for e in prob_error] == [2] and abs(prob_error[0].value - 1.0) < 1e-3, prob_error
+
+
+def test_a_config_mistake_under_torchrun_is_printed_once(tmp_path):
+    """Both ranks find the mistake; the first prints it and ends the job before the other's wait is over."""
+    config = write_config({"schedule": {"t_mixx": 4}}, tmp_path / "run.yaml")
+    done = subprocess.run(torchrun_command(config), env=job_env(), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.count("pretrain_s2l.py: error: 3 problems:") == 1, done.stderr[-3000:]
+    assert done.stderr.count("schedule.t_mixx: unknown key; did you mean 't_mix'?") == 1
+    assert "(rank 1)" not in done.stderr and "exitcode  : 2" in done.stderr  # the first rank's status 2 ended it

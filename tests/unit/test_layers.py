@@ -11,14 +11,15 @@ PACKAGE = Path(__file__).resolve().parents[2] / "megatron_s2l"
 ALLOWED = {
     "config": set(),
     "types": set(),
+    "console": {"config"},
     "algo": {"config", "types"},
-    "learner": {"config", "types", "algo"},
+    "learner": {"config", "types", "console", "algo"},
     "rollout": {"config", "types", "algo", "learner.hf_weights"},
     "data": {"config", "types", "algo"},
     "evaluation": {"config", "types", "algo", "data", "rollout"},
     "loop": {"config", "types", "algo", "learner", "rollout", "data", "evaluation"},
-    "demo": {"config", "types", "algo", "learner", "rollout", "data", "evaluation", "loop"},
-    "launch": {"config"},
+    "demo": {"config", "types", "console", "algo", "learner", "rollout", "data", "evaluation", "loop"},
+    "launch": {"config", "console"},
 }
 THIRD_PARTY_FORBIDDEN = {"algo": {"megatron", "vllm", "transformers"}, "learner": {"vllm"},
                          "data": {"megatron", "vllm"}}

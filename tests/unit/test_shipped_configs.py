@@ -1,7 +1,7 @@
 """Every YAML under examples/configs/ loads (no unknown keys, right types) and validates.
 
-Validation checks the config tree only: the paper configs name placeholder paths (/path/to/...), which the
-loop checks when it opens them.
+Validation checks the values only (`check_files=False`): the paper configs name placeholder paths
+(/path/to/...), which the entry point checks at start-up.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ FILLED_IN = {"demo.yaml": ["learner.hf_path=runs/demo_family/x/learner", "explor
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_config_validates(path):
-    S2LConfig.from_yaml(path, FILLED_IN.get(path.name, [])).validate()
+    S2LConfig.from_yaml(path, FILLED_IN.get(path.name, [])).validate(check_files=False)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_config_carries_the_papers_hyperparameters(name):
-    cfg = S2LConfig.from_yaml(Path(CONFIGS[0].parent, name)).validate()
+    cfg = S2LConfig.from_yaml(Path(CONFIGS[0].parent, name)).validate(check_files=False)
     want = PAPER[name]
     assert (cfg.schedule.group_size, cfg.schedule.t_mix, cfg.schedule.kind) == (want["group_size"], want["t_mix"],
                                                                                 "linear")
