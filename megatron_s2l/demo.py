@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from megatron_s2l.config import (DataConfig, EngineConfig, FP8Config, LossConfig, ModelConfig, OptimConfig,
                                   ParallelConfig, S2LConfig, SamplingConfig)
+from megatron_s2l.console import run_main
 from megatron_s2l.data.prompts import task_prompts, task_spec
 from megatron_s2l.data.task import Tutor, pretraining_examples, task_splits
 from megatron_s2l.data.tokenizer import TOKENIZER_FILE, Tokenizer, render_prompt, train_tokenizer
@@ -221,4 +222,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m megatron_s2l.demo")

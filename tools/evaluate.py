@@ -21,6 +21,7 @@ import typing
 from pathlib import Path
 
 from megatron_s2l.config import EngineConfig, EngineDType, OnBadPrompt, PromptTemplate, SamplingConfig
+from megatron_s2l.console import exit_with_error
 from megatron_s2l.evaluation.passk_eval import PRESETS, evaluate_model_dir, passk_table, sampling_preset, \
     write_comparison
 
@@ -82,7 +83,7 @@ def _hf_dir(model_dir: str, out: Path, hf_config: str | None, tokenizer_dir: str
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Evaluate and print the pass@k table; user errors are reported as one line."""
+    """Evaluate and print the pass@k table; user errors are reported as one line (exit status 2)."""
     args = parse_args(argv)
     try:
         overrides = {f: getattr(args, f) for f in ("temperature", "top_p", "top_k", "presence_penalty")
@@ -103,8 +104,8 @@ def main(argv: list[str] | None = None) -> None:
                 _hf_dir(model_dir, out, args.hf_config, args.tokenizer_dir), benches, out, k=args.k,
                 sampling=sampling, engine=engine, template=args.template, max_prompt_length=args.max_prompt_length,
                 on_bad_prompt=args.on_bad_prompt, seed=args.seed, label=label, tokenizer_dir=args.tokenizer_dir)
-    except (ValueError, FileNotFoundError, subprocess.CalledProcessError) as err:
-        sys.exit(f"evaluate: error: {err}")
+    except (ValueError, FileNotFoundError, subprocess.CalledProcessError) as err:  # the inputs' refusals
+        exit_with_error("evaluate.py", err)
     if args.compare:
         paths = write_comparison(results, args.out)
         print(f"wrote {paths['table']}, {paths['plot']}")

@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 
+from megatron_s2l.console import run_main
 from megatron_s2l.launch import nemo_run as launch
 
 
@@ -74,5 +75,5 @@ def main(argv: list[str] | None = None) -> None:
     print(f"NeMo-Run experiment directory: {exp_dir}")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the launcher's refusals (ValueError) name the option and the fix
+    run_main(main, "launch_nemo_run.py", user_errors=(ValueError,))

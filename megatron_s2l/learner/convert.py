@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from megatron_s2l.config import LayerSpec, ModelConfig, ParallelConfig
+from megatron_s2l.config import ConfigError, LayerSpec, ModelConfig, ParallelConfig
+from megatron_s2l.console import exit_with_error
 from megatron_s2l.learner.checkpoint import checkpoint_dir, latest_step, load_checkpoint, save_checkpoint
 from megatron_s2l.learner.hf_weights import (EMBEDDING, load_hf_weights, model_config_from_hf, padded_vocab_size,
                                              read_hf_state, save_hf_dir)
@@ -182,12 +183,13 @@ def cli_parser(prog: str, doc: str, *, layout_help: str) -> argparse.ArgumentPar
 def run_cli(parser: argparse.ArgumentParser, convert: Callable[[], str]) -> None:
     """Run a converter CLI's `convert` (returning what to print) and report on global rank 0.
 
-    A ValueError/RuntimeError exits with status 2 and one line naming the problem and the fix.
+    A ValueError (the converters' refusals of their inputs, each naming the file or flag and the fix) exits
+    with status 2 and that one line, printed on the first rank; other errors keep their traceback.
     """
     try:
         message = convert()
-    except (ValueError, RuntimeError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    except ValueError as err:
+        exit_with_error(parser.prog, err)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(message)
     if dist.is_initialized():
@@ -200,9 +202,9 @@ def _auto_bridge():
     try:
         from megatron.bridge import AutoBridge
     except ImportError as err:
-        raise RuntimeError(f"--backend bridge needs Megatron-Bridge, which cannot be imported here ({err}); "
-                           f"install megatron-bridge on a CUDA machine (NeMo/NGC containers ship it) or use "
-                           f"the default --backend native") from err
+        raise ConfigError(f"--backend bridge needs Megatron-Bridge, which cannot be imported here ({err}); "
+                          f"install megatron-bridge on a CUDA machine (NeMo/NGC containers ship it) or use "
+                          f"the default --backend native") from err
     return AutoBridge
 
 
