@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_s2l.algo.advantages import dynamic_sampling_mask, group_advantages, source_means
+from megatron_s2l.algo.reward_scorer import RewardScorer, reward_info_means
 from megatron_s2l.algo.rewards import MathScorer
 from megatron_s2l.config import S2LConfig
 from megatron_s2l.data.prompts import PromptStream, prompts_from_config
@@ -95,6 +96,7 @@ def train_step(cfg: S2LConfig, step: int, prompts: list[Prompt], rollout: Rollou
         phase = {"time/rollout": timer.lap(),
                  "rollout/tokens": float(sum(len(s.response_ids) for g in groups for s in g.samples))}
         phase["rollout/tokens_per_s"] = phase["rollout/tokens"] / max(phase["time/rollout"], 1e-9)
+        phase.update(reward_info_means([s for g in groups for s in g.samples]))
         batch = TrainBatch.from_groups(groups, pad_id=pad_id)
         rewards.append(batch.rewards)
         batch, advantage_metrics = with_advantages(batch, cfg)
@@ -158,13 +160,8 @@ def build_rollout_phase(cfg: S2LConfig, tokenizer: PromptTokenizer) -> RolloutPh
                               model_id=cfg.explorer.model_id, eos_token_id=tokenizer.eos_id)
     elif cfg.explorer.source == "offline":
         explorer = ExplorerCache(cfg.explorer.cache_path, seed=cfg.seed)
-    scorer = MathScorer()
-
-    def reward_fn(prompt: Prompt, response_ids: list[int]) -> float:
-        return scorer.score([tokenizer.decode(response_ids)], [prompt.ground_truth]).scores[0]
-
     mixer = S2LMixer(cfg.schedule, explorer=explorer, learner=learner_engine, explorer_sampling=cfg.explorer.sampling,
-                     learner_sampling=cfg.learner_sampling, reward_fn=reward_fn, seed=cfg.seed)
+                     learner_sampling=cfg.learner_sampling, scorer=RewardScorer(tokenizer.decode), seed=cfg.seed)
     return RolloutPhase(mixer, Refitter(learner_engine), engine_tp=cfg.learner_engine.tensor_parallel_size)
 
 

@@ -40,6 +40,7 @@ class Sample:
     finish_reason: str = "stop"  # "stop" (EOS / stop string) or "length" (hit max_new_tokens)
     sampling: dict = field(default_factory=dict)  # temperature, top_p, ... as used
     reward: Optional[float] = None
+    reward_info: dict[str, float] = field(default_factory=dict)  # the scorer's numbers (time-outs, extra metrics)
 
     def __post_init__(self):
         if len(self.behaviour_logprobs) != len(self.response_ids):

@@ -106,18 +106,20 @@ class MathScorer:
 
     def score(self, responses: list[str], ground_truths: list[str]) -> ScoreResult:
         """Score each response against its ground truth (same length lists)."""
+        verdicts = self.verdicts(responses, ground_truths)
+        return ScoreResult([1.0 if v else 0.0 for v in verdicts], sum(v is None for v in verdicts))
+
+    def verdicts(self, responses: list[str], ground_truths: list[str]) -> list[Optional[bool]]:
+        """Per response: equal to its ground truth, or None when the verification ran out of time."""
         if len(responses) != len(ground_truths):
             raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths: pass one "
                              f"ground truth per response")
-        scores, timeouts = [], 0
+        verdicts = []
         for response, truth in zip(responses, ground_truths):
             boxed = last_boxed(response)
             decided = None if boxed is None else quick_match(boxed, truth)
-            if decided is None:
-                decided = self._verify(response, truth)
-                timeouts += decided is None
-            scores.append(1.0 if decided else 0.0)
-        return ScoreResult(scores, timeouts)
+            verdicts.append(self._verify(response, truth) if decided is None else decided)
+        return verdicts
 
     def _verify(self, response: str, ground_truth: str) -> Optional[bool]:
         """math-verify's verdict, or None when it did not answer within the deadline."""

@@ -9,7 +9,7 @@ GRPO: G learner samples per prompt at every step.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional, Protocol
 
 from megatron_s2l.algo.schedule import GroupSplit, explorer_share, group_split
 from megatron_s2l.config import SamplingConfig, ScheduleConfig
@@ -17,21 +17,30 @@ from megatron_s2l.rollout.engine import RolloutEngine
 from megatron_s2l.types import Prompt, RolloutGroup, Sample, Source
 
 SOURCES: tuple[Source, ...] = ("explorer", "learner")
-RewardFn = Callable[[Prompt, list[int]], float]
+
+
+class Scorer(Protocol):
+    """Rewards a whole batch at once, so that slow verifications can run side by side."""
+
+    def score(self, prompts: list[Prompt], samples: list[Sample]) -> list[float]:
+        """The reward of `samples[i]` as an answer to `prompts[i]`, in input order. A scorer may also
+        record numbers about a sample's scoring (time-outs, a reward's extra metrics) in its
+        `reward_info`, which travels with the sample and is averaged per step by the loop."""
+        ...
 
 
 class S2LMixer:
-    """Turns the schedule, the explorer and learner engines and a reward function into rollout groups."""
+    """Turns the schedule, the explorer and learner engines and a scorer into rollout groups."""
 
     def __init__(self, schedule: ScheduleConfig, *, explorer: Optional[RolloutEngine], learner: RolloutEngine,
-                 explorer_sampling: SamplingConfig, learner_sampling: SamplingConfig, reward_fn: RewardFn,
+                 explorer_sampling: SamplingConfig, learner_sampling: SamplingConfig, scorer: Scorer,
                  seed: int = 0):
         """`explorer=None` gives plain GRPO. `seed` with the step fixes every draw, so a resumed run
         samples exactly what the uninterrupted one did (given the same learner weights)."""
         self.schedule = schedule
         self.engines: dict[Source, Optional[RolloutEngine]] = {"explorer": explorer, "learner": learner}
         self.sampling: dict[Source, SamplingConfig] = {"explorer": explorer_sampling, "learner": learner_sampling}
-        self.reward_fn = reward_fn
+        self.scorer = scorer
         self.seed = seed
         self.dropped_prompts = 0  # prompts an engine could not serve (too long), left out of the groups
 
@@ -61,7 +70,7 @@ class S2LMixer:
 
         combined: one group per prompt with all requested sources; separate: one group per prompt and
         source. A prompt that an engine dropped (too long) gets no group and is counted in
-        `dropped_prompts`.
+        `dropped_prompts`. All samples of the call are scored in one `scorer.score` call.
         """
         unknown = [s for s in sources if s not in SOURCES]
         if unknown:
@@ -74,17 +83,30 @@ class S2LMixer:
             if counts[source] > 0:
                 drawn[source] = self.engines[source].generate(prompts, counts[source], self.sampling[source],
                                                               seed=self.seed * 1_000_003 + step)
-        groups = []
+        kept: list[tuple[Prompt, list[list[Sample]]]] = []
         for i, prompt in enumerate(prompts):
             per_source = [drawn[source][i] for source in drawn]
             if any(not samples for samples in per_source):
                 self.dropped_prompts += 1
-                continue
-            for samples in per_source:
-                for sample in samples:
-                    sample.reward = float(self.reward_fn(prompt, sample.response_ids))
+            else:
+                kept.append((prompt, per_source))
+        self._score([(prompt, sample) for prompt, per_source in kept for samples in per_source for sample in samples])
+        groups = []
+        for prompt, per_source in kept:
             if self.schedule.group_mode == "combined":
                 groups.append(RolloutGroup(prompt.prompt_id, [s for samples in per_source for s in samples]))
             else:
                 groups.extend(RolloutGroup(prompt.prompt_id, samples) for samples in per_source)
         return groups
+
+    def _score(self, pairs: list[tuple[Prompt, Sample]]) -> None:
+        """Set every sample's reward with one scorer call."""
+        if not pairs:
+            return
+        prompts, samples = [p for p, _ in pairs], [s for _, s in pairs]
+        rewards = self.scorer.score(prompts, samples)
+        if len(rewards) != len(samples):
+            raise ValueError(f"the scorer returned {len(rewards)} rewards for {len(samples)} samples: it must return "
+                             f"one reward per sample, in input order")
+        for sample, reward in zip(samples, rewards):
+            sample.reward = float(reward)

@@ -24,7 +24,7 @@ from megatron_s2l.rollout.mixer import S2LMixer
 from megatron_s2l.rollout.phase import RolloutPhase
 from megatron_s2l.rollout.refit import Refitter
 from megatron_s2l.rollout.vllm_engine import VLLMEngine
-from megatron_s2l.types import Prompt
+from megatron_s2l.types import Prompt, Sample
 from tests.tiny_models import write_tiny_model
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -67,20 +67,22 @@ def tiny_config(family: dict[str, Path], **sections) -> dict:
     return base | sections
 
 
-def even_token_reward(prompt: Prompt, response_ids: list[int]) -> float:
-    """Fraction of even token ids in the response: a reward that varies between random-model samples."""
-    return sum(t % 2 == 0 for t in response_ids) / max(1, len(response_ids))
+class EvenTokenScorer:
+    """Rewards the fraction of even token ids in each response: a reward that varies between random-model samples."""
+
+    def score(self, prompts: list[Prompt], samples: list[Sample]) -> list[float]:
+        return [sum(t % 2 == 0 for t in s.response_ids) / max(1, len(s.response_ids)) for s in samples]
 
 
 def even_token_rollout(cfg: S2LConfig) -> RolloutPhase:
-    """The real rollout phase of `cfg` (vLLM engines for both sources, mixer, refit) with `even_token_reward`."""
+    """The real rollout phase of `cfg` (vLLM engines for both sources, mixer, refit) with `EvenTokenScorer`."""
     eos = load_tokenizer(cfg.learner.hf_path).eos_id
     learner = VLLMEngine(cfg.learner.hf_path, cfg.learner_engine, source="learner", model_id="learner",
                          eos_token_id=eos)
     explorer = VLLMEngine(cfg.explorer.hf_path, cfg.explorer.engine, source="explorer",
                           model_id=cfg.explorer.model_id, eos_token_id=eos)
     mixer = S2LMixer(cfg.schedule, explorer=explorer, learner=learner, explorer_sampling=cfg.explorer.sampling,
-                     learner_sampling=cfg.learner_sampling, reward_fn=even_token_reward, seed=cfg.seed)
+                     learner_sampling=cfg.learner_sampling, scorer=EvenTokenScorer(), seed=cfg.seed)
     return RolloutPhase(mixer, Refitter(learner), engine_tp=cfg.learner_engine.tensor_parallel_size)
 
 

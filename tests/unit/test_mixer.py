@@ -30,23 +30,29 @@ class FakeEngine:
                 for p in prompts]
 
 
+class RecordingScorer:
+    """Rewards the parity of a response's second token; records every batch it scores."""
+
+    def __init__(self):
+        self.batches = []
+
+    def score(self, prompts, samples):
+        self.batches.append([(p.prompt_id, s.prompt_id, tuple(s.response_ids)) for p, s in zip(prompts, samples)])
+        return [float(s.response_ids[1] % 2) for s in samples]
+
+
 def make_mixer(mode, explorer=True, skip=()):
-    scored = []
-
-    def reward_fn(prompt, response_ids):
-        scored.append((prompt.prompt_id, tuple(response_ids)))
-        return float(response_ids[1] % 2)
-
+    scorer = RecordingScorer()
     engines = {"explorer": FakeEngine("explorer", skip) if explorer else None, "learner": FakeEngine("learner")}
     mixer = S2LMixer(ScheduleConfig(group_size=5, t_mix=3, kind="linear", group_mode=mode),
                      explorer=engines["explorer"], learner=engines["learner"],
                      explorer_sampling=SamplingConfig(temperature=0.7), learner_sampling=SamplingConfig(),
-                     reward_fn=reward_fn, seed=9)
-    return mixer, engines, scored
+                     scorer=scorer, seed=9)
+    return mixer, engines, scorer
 
 
 def test_combined_groups_follow_the_schedule_every_step():
-    mixer, engines, scored = make_mixer("combined")
+    mixer, engines, scorer = make_mixer("combined")
     for step, (g_w, g_s) in COMBINED.items():
         phases = mixer.phases(step)
         assert phases == [tuple(s for s, c in (("explorer", g_w), ("learner", g_s)) if c)]
@@ -57,14 +63,14 @@ def test_combined_groups_follow_the_schedule_every_step():
             assert all(s.prompt_id == group.prompt_id for s in group.samples)
             explorer_temps = {s.sampling["temperature"] for s in group.samples if s.source == "explorer"}
             assert explorer_temps <= {0.7}
-    # every sample scored exactly once: 3 prompts x 5 samples x 4 steps
-    assert len(scored) == 3 * 5 * 4
+    # every sample scored exactly once, all samples of a rollout call in one batch: 3 prompts x 5 samples
+    assert [len(batch) for batch in scorer.batches] == [3 * 5] * 4
     assert [n for n, _, _ in engines["explorer"].calls] == [5, 3]
     assert [n for n, _, _ in engines["learner"].calls] == [2, 5, 5]
 
 
 def test_separate_groups_follow_the_schedule_every_step():
-    mixer, engines, scored = make_mixer("separate")
+    mixer, engines, scorer = make_mixer("separate")
     for step, (g_w, g_s) in SEPARATE.items():
         phases = mixer.phases(step)
         assert phases == [(s,) for s, c in (("explorer", g_w), ("learner", g_s)) if c]
@@ -72,7 +78,7 @@ def test_separate_groups_follow_the_schedule_every_step():
             groups = mixer.rollout(step, PROMPTS, (source,))
             assert [g.prompt_id for g in groups] == ["p0", "p1", "p2"]
             assert all(len(g.samples) == count and g.count(source) == count for g in groups)
-    assert len(scored) == 3 * (5 + 6 + 5 + 5)
+    assert [len(batch) for batch in scorer.batches] == [3 * 5, 3 * 3, 3 * 3, 3 * 5, 3 * 5]
 
 
 def test_rewards_and_source_tags_are_kept():
@@ -104,11 +110,25 @@ def test_without_explorer_is_plain_grpo():
 
 
 def test_prompts_an_engine_dropped_get_no_group_and_are_counted():
-    mixer, _, scored = make_mixer("combined", skip={"p1"})
+    mixer, _, scorer = make_mixer("combined", skip={"p1"})
     groups = mixer.rollout(2, PROMPTS, ("explorer", "learner"))
     assert [g.prompt_id for g in groups] == ["p0", "p2"]
     assert mixer.dropped_prompts == 1
-    assert all(pid != "p1" for pid, _ in scored)
+    assert [pid for pid, _, _ in scorer.batches[0]] == ["p0"] * 5 + ["p2"] * 5
+
+
+def test_each_sample_is_scored_against_its_own_prompt():
+    mixer, _, scorer = make_mixer("combined")
+    mixer.rollout(2, PROMPTS, ("explorer", "learner"))
+    assert all(prompt_id == sample_prompt_id for prompt_id, sample_prompt_id, _ in scorer.batches[0])
+    assert [pid for pid, _, _ in scorer.batches[0]] == ["p0"] * 5 + ["p1"] * 5 + ["p2"] * 5
+
+
+def test_a_scorer_that_loses_samples_is_an_error():
+    mixer, _, scorer = make_mixer("combined")
+    scorer.score = lambda prompts, samples: [0.0] * (len(samples) - 1)
+    with pytest.raises(ValueError, match="returned 14 rewards for 15 samples"):
+        mixer.rollout(2, PROMPTS, ("explorer", "learner"))
 
 
 def test_unknown_source_is_rejected():
