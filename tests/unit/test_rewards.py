@@ -13,7 +13,7 @@ PATHOLOGICAL = "so the answer is \\boxed{9^{9^{9^{9}}}}"
 
 @pytest.fixture(scope="module")
 def scorer():
-    scorer = MathScorer(timeout_s=1.0)
+    scorer = MathScorer(timeout_s=3.0)  # the pathological check's cost; room for real checks on a loaded machine
     yield scorer
     scorer.close()
 
@@ -46,11 +46,13 @@ def test_quick_decisions_agree_with_math_verify(answer, truth):
     assert decided == verify(parse(f"\\boxed{{{truth}}}"), parse(f"\\boxed{{{answer}}}"))
 
 
-def test_equivalences_that_need_math_verify(scorer):
+def test_equivalences_that_need_math_verify():
     responses = ["\\boxed{0.333333}", "x = 3, so \\boxed{x=3}", "The answer is 17", "\\boxed{\\sqrt{2}/2}",
                  "\\boxed{\\pi}", "I give up"]
     truths = ["\\frac{1}{3}", "3", "17", "\\frac{\\sqrt{2}}{2}", "3", "5"]
-    assert scorer.score(responses, truths) == ([1.0, 1.0, 1.0, 1.0, 0.0, 0.0], 0)
+    generous = MathScorer(timeout_s=60.0)  # these checks take milliseconds, or a second on a loaded machine
+    assert generous.score(responses, truths) == ([1.0, 1.0, 1.0, 1.0, 0.0, 0.0], 0)
+    generous.close()
 
 
 def test_common_answers_never_reach_the_worker():
