@@ -7,6 +7,9 @@ Methods, all from examples/configs/demo.yaml with the same seeds, steps, prompts
   s2l_separate  the authors' code: an explorer phase then a learner phase per step (two optimizer steps)
   s2l_tis       s2l_combined with truncated importance sampling against the behaviour policy: an explorer
                 token's weight is min(pi_old / pi_explorer, loss.tis_cap) (verl's decoupled mode)
+  s2l_adaptive  combined groups with adaptive allocation (schedule.allocation=adaptive): the learner draws all G
+                samples first, and only prompts whose learner rewards are all equal get the step's
+                ceil(alpha * G) explorer samples on top
   grpo          plain on-policy GRPO (explorer.source=none)
   grpo_hot      GRPO sampling the learner at --hot-temperature (the paper's token-level diversity baseline);
                 it trains at that temperature but is evaluated at the demo's, like every other method
@@ -48,6 +51,7 @@ METHODS = {
     "s2l_combined": ["schedule.group_mode=combined"],
     "s2l_separate": ["schedule.group_mode=separate"],
     "s2l_tis": ["schedule.group_mode=combined", "loss.importance_correction=tis"],
+    "s2l_adaptive": ["schedule.group_mode=combined", "schedule.allocation=adaptive"],
     "grpo": ["explorer.source=none"],
     "grpo_hot": ["explorer.source=none"],
 }
@@ -206,6 +210,8 @@ def summarise(records: list[dict]) -> dict:
             "tail_reward": [statistics.mean(m["reward/mean"] for m in r["history"][-tail:]) for r in runs],
             "tail_learner_reward": [statistics.mean(learner_reward(m) for m in r["history"][-tail:]) for r in runs],
             "rollout_tflops": [f[-1] / 1e12 for f in flops],
+            "explorer_share_used": [statistics.mean(m.get("rollout/explorer_share", 0.0) for m in r["history"])
+                                    for r in runs],
             "seconds": [r["seconds"] for r in runs],
         }
         summary[method] = {
@@ -215,6 +221,7 @@ def summarise(records: list[dict]) -> dict:
             "cumulative_tflops": _mean_curve([[x / 1e12 for x in f] for f in flops]),
             "pass@1_steps": [s for s, _ in eval_points[0]],
             "pass@1": _mean_curve([[v for _, v in e] for e in eval_points]),
+            "final_pass@1_per_seed": [e[-1][1] for e in eval_points],
             **{k: _mean_sd(v) for k, v in per_run.items()},
         }
         s = summary[method]
@@ -232,16 +239,29 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def table(summary: dict) -> str:
-    """The Markdown table of the run totals (mean ± sd over seeds)."""
-    rows = ["| method | seeds | held-out pass@1 step 0 -> end | Δ pass@1 | train reward (last quarter) | "
-            "learner-sample reward (last quarter) | rollout TFLOP | Δ pass@1 per rollout TFLOP | "
-            "Σ step reward per rollout TFLOP | wall s/run |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    """The Markdown tables of the run totals (mean ± sd over seeds; s.e. = sd / sqrt(seeds)) and of held-out
+    pass@1 per step and per seed."""
+    grpo_tflops = summary["grpo"]["rollout_tflops"][0] if "grpo" in summary else float("nan")
+    rows = ["| method | seeds | held-out pass@1 step 0 -> end | Δ pass@1 | Δ pass@1 s.e. | train reward (last quarter) | "
+            "learner-sample reward (last quarter) | explorer share used | rollout TFLOP | rollout compute / GRPO | "
+            "Δ pass@1 per rollout TFLOP | Σ step reward per rollout TFLOP | wall s/run |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, s in summary.items():
         rows.append(f"| {method} | {len(s['seeds'])} | {s['pass@1'][0]:.3f} -> {s['pass@1'][-1]:.3f} | "
-                    f"{_pm(s['delta_pass@1'])} | {_pm(s['tail_reward'])} | {_pm(s['tail_learner_reward'])} | "
-                    f"{_pm(s['rollout_tflops'], '.2f')} | {s['delta_pass@1_per_tflop']:.4f} | "
+                    f"{_pm(s['delta_pass@1'])} | {s['delta_pass@1'][1] / math.sqrt(len(s['seeds'])):.3f} | "
+                    f"{_pm(s['tail_reward'])} | {_pm(s['tail_learner_reward'])} | "
+                    f"{s['explorer_share_used'][0]:.3f} | {_pm(s['rollout_tflops'], '.2f')} | "
+                    f"{s['rollout_tflops'][0] / grpo_tflops:.2f} | {s['delta_pass@1_per_tflop']:.4f} | "
                     f"{s['reward_sum_per_tflop']:.3f} | {s['seconds'][0]:.0f} |")
+    seeds = sorted({seed for s in summary.values() for seed in s["seeds"]})
+    steps = next(iter(summary.values()))["pass@1_steps"]
+    rows += ["", "| method | " + " | ".join(f"step {k}" for k in steps) + " | "
+             + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+             "|---|" + "---|" * (len(steps) + len(seeds))]
+    for method, s in summary.items():
+        final = dict(zip(s["seeds"], s["final_pass@1_per_seed"]))
+        rows.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in s["pass@1"]) + " | "
+                    + " | ".join(f"{final[seed]:.3f}" if seed in final else "" for seed in seeds) + " |")
     return "\n".join(rows)
 
 

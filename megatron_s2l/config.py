@@ -50,6 +50,7 @@ def _choices(literal_type) -> tuple:
 
 ScheduleKind = Literal["linear", "cosine", "step", "constant"]
 GroupMode = Literal["combined", "separate"]
+ExplorerAllocation = Literal["fixed", "adaptive"]
 ExplorerSource = Literal["online", "offline", "none"]
 AdvantageNorm = Literal["std", "none"]
 KLType = Literal["k1", "k3", "low_var_kl"]
@@ -177,9 +178,16 @@ class ScheduleConfig:
     kind: ScheduleKind = "linear"  # linear is the paper's alpha_i = 1 - (i-1)/(T_mix-1)
     constant_share: float = 0.5  # alpha for kind="constant"
     group_mode: GroupMode = "combined"  # combined: paper; separate: the authors' code (two optimizer steps)
+    # fixed: every prompt gets G_w explorer samples (the paper); adaptive: the learner draws all G first and
+    # only prompts whose learner rewards are all equal get G_w explorer samples on top (algo/allocation.py)
+    allocation: ExplorerAllocation = "fixed"
 
     def validate(self, at: str) -> list[str]:
         errors = []
+        if self.allocation == "adaptive" and self.group_mode != "combined":
+            errors.append(f"{at}.allocation='adaptive' with {at}.group_mode={self.group_mode!r}: adaptive allocation "
+                          f"adds explorer samples to the learner's groups, so it needs {at}.group_mode='combined' "
+                          f"(or set {at}.allocation='fixed')")
         if self.group_size < 1:
             errors.append(f"{at}.group_size={self.group_size}: must be >= 1 (the paper uses 8 or 16)")
         if self.t_mix < 1:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from megatron_s2l.algo.advantages import dynamic_sampling_mask, group_advantages, source_means
 from megatron_s2l.algo.reward_scorer import RewardScorer, reward_info_means
+from megatron_s2l.algo.allocation import explorer_usage
 from megatron_s2l.algo.rewards import MathScorer
 from megatron_s2l.config import S2LConfig
 from megatron_s2l.data.prompts import PromptStream, prompts_from_config
@@ -125,6 +126,8 @@ def with_advantages(batch: TrainBatch, cfg: S2LConfig) -> tuple[TrainBatch, dict
     metrics = {"reward/mean": float(batch.rewards.mean()), "advantage/zero_variance_groups": result.zero_variance_groups}
     metrics.update({f"reward/{k}": float(v) for k, v in source_means(batch.rewards, batch.is_explorer).items()})
     metrics.update({f"advantage/{k}": float(v) for k, v in source_means(batch.advantages, batch.is_explorer).items()})
+    share, groups_with_explorer = explorer_usage(batch.is_explorer, batch.group_index)
+    metrics |= {"rollout/explorer_share": share, "rollout/prompts_with_explorer": groups_with_explorer}
     if cfg.advantage.dynamic_sampling:
         keep = dynamic_sampling_mask(batch.rewards, batch.group_index)  # [B]
         metrics["advantage/dropped_samples"] = int((~keep).sum())

@@ -5,12 +5,25 @@ explorer and learner rollouts with each other. `separate` mode (the authors' cod
 and learner-only groups, trained as two optimizer phases of the same step (`phases(step)`), the
 learner phase rolled out after the explorer phase's update. Without an explorer the mixer is plain
 GRPO: G learner samples per prompt at every step.
+
+`schedule.allocation='adaptive'` (combined groups only) decides the explorer per prompt
+(`algo.allocation`): the learner draws its full G samples for every prompt and they are scored; only the
+prompts whose learner rewards are all equal then get G_w = ceil(alpha * G) explorer samples, so their group
+holds G + G_w samples and every other group is plain GRPO's G. Rollout compute is GRPO's plus the explorer's
+samples for those prompts (the explorer is the cheaper model); while G_w > 0 a step has two generation
+rounds one after the other (learner, then explorer for the prompts that need it), which also means the two
+engines can never overlap. Both rounds are seeded by (seed, step) and prompt id, so a resumed run draws the
+same samples; an offline explorer cache serves the chosen prompts the same way; each engine replica decides
+for its own prompts, so replicas with more unsolved prompts take longer in the second round.
 """
 
 from __future__ import annotations
 
 from typing import Optional, Protocol
 
+import torch
+
+from megatron_s2l.algo.allocation import adaptive_explorer_counts
 from megatron_s2l.algo.schedule import GroupSplit, explorer_share, group_split
 from megatron_s2l.config import SamplingConfig, ScheduleConfig
 from megatron_s2l.rollout.engine import RolloutEngine
@@ -49,7 +62,10 @@ class S2LMixer:
         s = self.schedule
         if self.engines["explorer"] is None:
             return GroupSplit(0, s.group_size)
-        return group_split(step, s.group_size, s.t_mix, s.kind, s.constant_share, s.group_mode)
+        split = group_split(step, s.group_size, s.t_mix, s.kind, s.constant_share, s.group_mode)
+        if s.allocation == "adaptive":  # G_w is then the most a prompt gets, on top of the learner's full G
+            return GroupSplit(split.explorer, s.group_size)
+        return split
 
     def explorer_share(self, step: int) -> float:
         """alpha at `step` (0 without an explorer), for logging."""
@@ -70,7 +86,8 @@ class S2LMixer:
 
         combined: one group per prompt with all requested sources; separate: one group per prompt and
         source. A prompt that an engine dropped (too long) gets no group and is counted in
-        `dropped_prompts`. All samples of the call are scored in one `scorer.score` call.
+        `dropped_prompts`. The samples are scored in one `scorer.score` call, the learner's first in their own
+        call with `allocation='adaptive'`: they decide which prompts the explorer serves (`algo.allocation`).
         """
         unknown = [s for s in sources if s not in SOURCES]
         if unknown:
@@ -78,25 +95,35 @@ class S2LMixer:
         if "explorer" in sources and self.engines["explorer"] is None:
             raise ValueError("sources include 'explorer' but the mixer has no explorer (explorer.source='none')")
         counts = dict(zip(SOURCES, self.split(step)))
-        drawn: dict[Source, list[list[Sample]]] = {}
-        for source in sources:
-            if counts[source] > 0:
-                drawn[source] = self.engines[source].generate(prompts, counts[source], self.sampling[source],
-                                                              seed=self.seed * 1_000_003 + step)
-        kept: list[tuple[Prompt, list[list[Sample]]]] = []
+        seed = self.seed * 1_000_003 + step
+        order = [s for s in SOURCES if s in sources and counts[s] > 0]
+        adaptive = self.schedule.allocation == "adaptive" and order == list(SOURCES)
+        if adaptive:
+            order.reverse()  # the learner's rewards decide which prompts the explorer serves
+        drawn: dict[Source, list[Optional[list[Sample]]]] = {}  # per prompt; None: the source was not asked
+        for source in order:
+            asked = range(len(prompts))
+            if adaptive and source == "explorer":
+                asked = self._without_signal(drawn["learner"], counts["explorer"])
+            samples = self.engines[source].generate([prompts[i] for i in asked], counts[source],
+                                                    self.sampling[source], seed=seed) if asked else []
+            drawn[source] = [None] * len(prompts)
+            for i, got in zip(asked, samples):
+                drawn[source][i] = got
+            if adaptive and source == "learner":
+                self._score([(prompts[i], s) for i, got in zip(asked, samples) for s in got])
+        groups, unscored = [], []
         for i, prompt in enumerate(prompts):
-            per_source = [drawn[source][i] for source in drawn]
+            per_source = [drawn[source][i] for source in SOURCES if source in drawn and drawn[source][i] is not None]
             if any(not samples for samples in per_source):
                 self.dropped_prompts += 1
-            else:
-                kept.append((prompt, per_source))
-        self._score([(prompt, sample) for prompt, per_source in kept for samples in per_source for sample in samples])
-        groups = []
-        for prompt, per_source in kept:
+                continue
+            unscored += [(prompt, s) for samples in per_source for s in samples if s.reward is None]
             if self.schedule.group_mode == "combined":
                 groups.append(RolloutGroup(prompt.prompt_id, [s for samples in per_source for s in samples]))
             else:
                 groups.extend(RolloutGroup(prompt.prompt_id, samples) for samples in per_source)
+        self._score(unscored)
         return groups
 
     def _score(self, pairs: list[tuple[Prompt, Sample]]) -> None:
@@ -110,3 +137,12 @@ class S2LMixer:
                              f"one reward per sample, in input order")
         for sample, reward in zip(samples, rewards):
             sample.reward = float(reward)
+
+    @staticmethod
+    def _without_signal(learner: list[Optional[list[Sample]]], budget: int) -> list[int]:
+        """The prompts that get explorer samples under adaptive allocation, from their learner rewards."""
+        rewards = [s.reward for samples in learner for s in samples or []]
+        index = [i for i, samples in enumerate(learner) for _ in samples or []]
+        counts = adaptive_explorer_counts(torch.tensor(rewards, dtype=torch.float64),
+                                          torch.tensor(index, dtype=torch.long), len(learner), budget)  # [P]
+        return counts.nonzero().flatten().tolist()

@@ -20,7 +20,7 @@ import yaml
 from megatron_s2l.config import S2LConfig
 from megatron_s2l.data.task import TaskSpec, task_splits
 from megatron_s2l.data.tokenizer import load_tokenizer, train_tokenizer
-from megatron_s2l.rollout.mixer import S2LMixer
+from megatron_s2l.rollout.mixer import S2LMixer, Scorer
 from megatron_s2l.rollout.phase import RolloutPhase
 from megatron_s2l.rollout.refit import Refitter
 from megatron_s2l.rollout.vllm_engine import VLLMEngine
@@ -74,15 +74,16 @@ class EvenTokenScorer:
         return [sum(t % 2 == 0 for t in s.response_ids) / max(1, len(s.response_ids)) for s in samples]
 
 
-def even_token_rollout(cfg: S2LConfig) -> RolloutPhase:
-    """The real rollout phase of `cfg` (vLLM engines for both sources, mixer, refit) with `EvenTokenScorer`."""
+def even_token_rollout(cfg: S2LConfig, scorer: Scorer | None = None) -> RolloutPhase:
+    """The real rollout phase of `cfg` (vLLM engines for both sources, mixer, refit) scored by `scorer`
+    (default `EvenTokenScorer`)."""
     eos = load_tokenizer(cfg.learner.hf_path).eos_id
     learner = VLLMEngine(cfg.learner.hf_path, cfg.learner_engine, source="learner", model_id="learner",
                          eos_token_id=eos)
     explorer = VLLMEngine(cfg.explorer.hf_path, cfg.explorer.engine, source="explorer",
                           model_id=cfg.explorer.model_id, eos_token_id=eos)
     mixer = S2LMixer(cfg.schedule, explorer=explorer, learner=learner, explorer_sampling=cfg.explorer.sampling,
-                     learner_sampling=cfg.learner_sampling, scorer=EvenTokenScorer(), seed=cfg.seed)
+                     learner_sampling=cfg.learner_sampling, scorer=scorer or EvenTokenScorer(), seed=cfg.seed)
     return RolloutPhase(mixer, Refitter(learner), engine_tp=cfg.learner_engine.tensor_parallel_size)
 
 

@@ -34,6 +34,9 @@ def test_defaults_with_an_explorer_path_validate():
     ("seed", -1, "seed=-1: must be >= 0"),
     ("data", {"task_ops": "+/"}, "data.task_ops='+/': must be a non-empty selection of '+-*'"),
     ("data", {"task_max_addend": 0}, "data.task_max_addend=0: must be >= 1"),
+    ("schedule", {"allocation": "adaptive", "group_mode": "separate"},
+     "schedule.allocation='adaptive' with schedule.group_mode='separate': adaptive allocation adds explorer samples "
+     "to the learner's groups, so it needs schedule.group_mode='combined'"),
 ])
 def test_a_bad_value_names_the_field_and_the_accepted_range(section, value, expected):
     sections = {"explorer": {"hf_path": "/m"}}
@@ -126,6 +129,8 @@ def test_an_unreadable_config_file_is_the_only_problem(tmp_path):
     ({"schedule": {"kind": "exponential"}}, "schedule.kind='exponential': accepted values are "
                                             "['linear', 'cosine', 'step', 'constant']\n"),
     ({"schedule": {"group_mode": "mixed"}}, "schedule.group_mode='mixed': accepted values are ['combined', 'separate']"),
+    ({"schedule": {"allocation": "per_prompt"}}, "schedule.allocation='per_prompt': accepted values are "
+                                                 "['fixed', 'adaptive']"),
     ({"loss": {"kl_type": "k2"}}, "loss.kl_type='k2': accepted values are ['k1', 'k3', 'low_var_kl']"),
     ({"schedule": {"group_sise": 8}}, "schedule.group_sise: unknown key; did you mean 'group_size'?"),
     ({"schedule": {"group_size": "eight"}}, "schedule.group_size='eight': expected int"),

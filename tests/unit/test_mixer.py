@@ -135,3 +135,52 @@ def test_unknown_source_is_rejected():
     mixer, _, _ = make_mixer("separate")
     with pytest.raises(ValueError, match="accepted sources"):
         mixer.rollout(1, PROMPTS, ("teacher",))
+
+
+def make_adaptive_mixer(learner_skip=()):
+    """G=5, T_mix=3 adaptive: p0's samples all fail, p1's alternate, p2's all succeed (for both sources)."""
+    calls = []
+
+    class Recording(FakeEngine):
+        def generate(self, prompts, n, sampling, *, seed=None):
+            calls.append((self.source, [p.prompt_id for p in prompts], n, seed))
+            return super().generate(prompts, n, sampling, seed=seed)
+
+    class ByPrompt(RecordingScorer):
+        def score(self, prompts, samples):
+            parity = super().score(prompts, samples)
+            return [{"p0": 0.0, "p1": r, "p2": 1.0}[p.prompt_id] for p, r in zip(prompts, parity)]
+
+    scorer = ByPrompt()
+    mixer = S2LMixer(ScheduleConfig(group_size=5, t_mix=3, kind="linear", allocation="adaptive"),
+                     explorer=Recording("explorer"), learner=Recording("learner", learner_skip),
+                     explorer_sampling=SamplingConfig(temperature=0.7), learner_sampling=SamplingConfig(),
+                     scorer=scorer, seed=9)
+    return mixer, calls, scorer
+
+
+def test_adaptive_gives_explorer_samples_only_to_prompts_without_learner_signal():
+    mixer, calls, scorer = make_adaptive_mixer()
+    # G_w = ceil(alpha * 5) = 5, 3, 0 at steps 1-3, on top of the learner's full 5
+    for step, g_w in {1: 5, 2: 3, 3: 0}.items():
+        assert mixer.split(step) == (g_w, 5)
+        phases = mixer.phases(step)
+        assert phases == [("explorer", "learner") if g_w else ("learner",)]
+        groups = mixer.rollout(step, PROMPTS, phases[0])
+        assert [g.prompt_id for g in groups] == ["p0", "p1", "p2"]
+        assert [(g.count("explorer"), g.count("learner")) for g in groups] == [(g_w, 5), (0, 5), (g_w, 5)]
+        assert groups[0].rewards == [0.0] * (g_w + 5) and groups[2].rewards == [1.0] * (g_w + 5)
+    seed = lambda step: 9 * 1_000_003 + step  # noqa: E731
+    assert calls == [("learner", ["p0", "p1", "p2"], 5, seed(1)), ("explorer", ["p0", "p2"], 5, seed(1)),
+                     ("learner", ["p0", "p1", "p2"], 5, seed(2)), ("explorer", ["p0", "p2"], 3, seed(2)),
+                     ("learner", ["p0", "p1", "p2"], 5, seed(3))]
+    # the learner's samples are scored before the explorer is asked, every sample once
+    assert [len(batch) for batch in scorer.batches] == [3 * 5, 2 * 5, 3 * 5, 2 * 3, 3 * 5]
+    assert mixer.dropped_prompts == 0
+
+
+def test_adaptive_asks_no_explorer_for_a_prompt_the_learner_engine_dropped():
+    mixer, calls, _ = make_adaptive_mixer(learner_skip={"p0"})
+    groups = mixer.rollout(1, PROMPTS, ("explorer", "learner"))
+    assert [g.prompt_id for g in groups] == ["p1", "p2"] and mixer.dropped_prompts == 1
+    assert calls[1][:2] == ("explorer", ["p2"])
