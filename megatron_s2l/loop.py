@@ -1,4 +1,4 @@
-"""The S2L-PO training loop: rollout -> rewards -> advantages -> old/ref log-probs -> PPO -> refit -> save.
+"""The S2L-PO training loop: rollout -> rewards -> advantages -> ref log-probs -> PPO -> refit -> save.
 
 `train(cfg)` is the whole product on any layout (one CPU process, torchrun on CPU, multi-node GPU). It reads
 top to bottom; the pieces it calls are the rollout hook (`rollout/phase.py`), the learner
@@ -83,7 +83,7 @@ def train(cfg: S2LConfig, rollout: RolloutHook | None = None) -> TrainResult:
 
 def train_step(cfg: S2LConfig, step: int, prompts: list[Prompt], rollout: RolloutHook, learner: Learner,
                pad_id: int) -> dict:
-    """One S2L-PO iteration: per phase, rollout -> advantages -> old/ref log-probs -> PPO -> refit.
+    """One S2L-PO iteration: per phase, rollout -> advantages -> ref log-probs -> PPO (takes old ones) -> refit.
 
     Combined groups make one phase; separate groups an explorer phase then a learner phase (rolled out
     after the first update), whose metrics are prefixed with the phase's source.
@@ -102,8 +102,7 @@ def train_step(cfg: S2LConfig, step: int, prompts: list[Prompt], rollout: Rollou
         rewards.append(batch.rewards)
         batch, advantage_metrics = with_advantages(batch, cfg)
         phase.update(advantage_metrics)
-        if batch.size:
-            batch.old_logprobs = learner.logprobs(batch)
+        if batch.size:  # old log-probs: the learner takes them in `train`, where no pass is redundant
             if cfg.loss.kl_coef > 0:
                 batch.ref_logprobs = learner.logprobs(batch, reference=True)
             phase["time/logprobs"] = timer.lap()

@@ -130,16 +130,17 @@ class Learner:
     def train(self, batch: TrainBatch, *, max_response_len: int | None = None) -> dict[str, float]:
         """PPO epochs over mini-batches of `optim.mini_batch_prompts` groups, one optimizer step each.
 
-        `batch.advantages` and `batch.old_logprobs` must be set (and `ref_logprobs` when the loss has a
-        KL term). `max_response_len` is Dr.GRPO's constant (pass the generation budget; default: the
-        longest response in `batch`). Epoch 0 takes the groups in batch order; every later epoch in a
-        new order (`_epoch_group_order`). Returns the metrics of `algo.loss` plus `grad_norm`, averaged
-        over the optimizer steps taken, the last `lr`, `skipped_steps` (steps whose loss or gradient was
-        not finite: no update) and `optimizer_steps`.
+        `batch.advantages` must be set (and `ref_logprobs` when the loss has a KL term). Old log-probs
+        are `batch.old_logprobs` when set; when None the learner takes them itself (`_old_logprobs`),
+        without a forward pass of its own for the mini-batch whose update is exactly on-policy.
+        `max_response_len` is Dr.GRPO's constant (pass the generation budget; default: the longest
+        response in `batch`). Epoch 0 takes the groups in batch order; every later epoch in a new order
+        (`_epoch_group_order`). Returns the metrics of `algo.loss` plus `grad_norm`, averaged over the
+        optimizer steps taken, the last `lr`, `skipped_steps` (steps whose loss or gradient was not
+        finite: no update), `optimizer_steps` and `old_logprob_rows` (rows it scored in a separate pass).
         """
-        if batch.advantages is None or batch.old_logprobs is None:
-            raise ValueError("Learner.train: batch.advantages and batch.old_logprobs must be set "
-                             "(compute advantages and Learner.logprobs(batch) first)")
+        if batch.advantages is None:
+            raise ValueError("Learner.train: batch.advantages must be set (compute advantages first)")
         if self.loss_kwargs["kl_coef"] > 0 and batch.ref_logprobs is None:
             raise ValueError(f"Learner.train: loss.kl_coef={self.loss_kwargs['kl_coef']} needs batch.ref_logprobs "
                              f"(Learner.logprobs(batch, reference=True)), or set loss.kl_coef=0")
@@ -147,9 +148,16 @@ class Learner:
         totals: dict[str, float] = {}
         steps = skipped = 0
         shuffle_seed = (self.seed, self.scheduler.num_steps)  # drawn before this call's steps: resumes alike
+        in_pass_rows = torch.zeros(batch.size, dtype=torch.bool)  # [B]
+        scored_rows = 0
+        if batch.old_logprobs is None:
+            batch, in_pass_rows = self._old_logprobs(batch)
+            scored_rows = int((~in_pass_rows).sum())
         for epoch in range(self.optim.ppo_epochs):
             order = _epoch_group_order(batch.group_index, epoch, shuffle_seed)
-            for mini_batch in _mini_batches(batch, order, self.optim.mini_batch_prompts):
+            for index, mini_batch in enumerate(_mini_batches(batch, order, self.optim.mini_batch_prompts)):
+                if epoch == index == 0 and in_pass_rows.any():
+                    mini_batch.old_logprobs = None  # taken from its own training pass (`_grpo_output`)
                 metrics = self._step_on(mini_batch, functools.partial(self._grpo_output,
                                                                       max_response_len=max_response_len))
                 if metrics is None:
@@ -159,7 +167,25 @@ class Learner:
                 totals = {name: totals.get(name, 0.0) + value for name, value in metrics.items()}
         averaged = {name: value / steps for name, value in totals.items()}
         return averaged | {"lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": float(skipped),
-                           "optimizer_steps": float(steps)}
+                           "optimizer_steps": float(steps), "old_logprob_rows": float(scored_rows)}
+
+    def _old_logprobs(self, batch: TrainBatch) -> tuple[TrainBatch, torch.Tensor]:
+        """`batch` with the log-probs of the policy before any update, and the rows [B] bool that get them
+        from their own training pass instead of a separate forward.
+
+        With one PPO epoch the first mini-batch is updated by the very weights that would score it, so its
+        training pass's detached log-probs are its old log-probs (ratio exactly 1): only the rows of later
+        mini-batches are scored here, before the first update changes the weights. With several epochs
+        every row is revisited after updates, so every row is scored here.
+        """
+        in_pass = torch.zeros(batch.size, dtype=torch.bool)  # [B]
+        if self.optim.ppo_epochs == 1:
+            first_groups = batch.group_index.unique()[:self.optim.mini_batch_prompts]  # epoch 0 keeps batch order
+            in_pass = torch.isin(batch.group_index, first_groups)  # [B]
+        old = torch.zeros(batch.response_mask.shape)  # [B, L-1]
+        if not in_pass.all():
+            old[~in_pass] = self.logprobs(batch.select(~in_pass))
+        return dataclasses.replace(batch, old_logprobs=old), in_pass
 
     def sft_step(self, tokens: torch.Tensor, loss_mask: torch.Tensor) -> float:
         """One optimizer step of token-mean cross-entropy on `tokens` [B, L] where `loss_mask` [B, L-1].
@@ -244,7 +270,8 @@ class Learner:
     def _grpo_output(self, micro: MicroBatch, logits: torch.Tensor, *, scale: int, num_tokens: int,
                      num_sequences: int, max_response_len: int):
         logprobs, entropy = self._token_logprobs(micro, logits, with_entropy=True)  # [m, T] each
-        loss, metrics = grpo_loss(logprobs, micro["old_logprobs"], micro["advantages"], micro["mask"],
+        old_logprobs = micro.get("old_logprobs", logprobs.detach())  # [m, T]; absent where the update is on-policy
+        loss, metrics = grpo_loss(logprobs, old_logprobs, micro["advantages"], micro["mask"],
                                   num_tokens=num_tokens, num_sequences=num_sequences,
                                   max_response_len=max_response_len, ref_logprobs=micro.get("ref_logprobs"),
                                   behaviour_logprobs=micro["behaviour_logprobs"], entropy=entropy,
