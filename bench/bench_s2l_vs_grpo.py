@@ -62,7 +62,6 @@ class MeteredRollout:
 
     def __init__(self, phase):
         self.phase = phase
-        self.mixer = phase.mixer  # the loop's evaluation and explorer-share metrics read it
         self.tokens: dict[int, dict[str, dict[str, int]]] = {}  # step -> source -> {"response", "prompt"}
 
     def phases(self, step: int):
@@ -82,9 +81,21 @@ class MeteredRollout:
                     seen.add(sample.source)
         return groups
 
-    def sync_weights(self, named_tensors) -> None:
+    def release_memory(self) -> None:
+        """The wrapped hook's engines sleep."""
+        self.phase.release_memory()
+
+    def sync_weights(self, named_tensors, *, changed: bool) -> None:
         """Refit the wrapped hook's learner engine."""
-        self.phase.sync_weights(named_tensors)
+        self.phase.sync_weights(named_tensors, changed=changed)
+
+    def generate(self, prompts, n, sampling, *, seed=None):
+        """The wrapped hook's learner samples (held-out evaluation: not counted as rollout compute)."""
+        return self.phase.generate(prompts, n, sampling, seed=seed)
+
+    def metrics(self, step: int) -> dict[str, float]:
+        """The wrapped hook's rollout metrics of `step`."""
+        return self.phase.metrics(step)
 
 
 def matmul_params(hf_path: str) -> int:

@@ -28,10 +28,10 @@ from megatron_s2l.learner.checkpoint import load_checkpoint, save_checkpoint
 from megatron_s2l.learner.hf_weights import export_hf_weights, model_config_from_hf, read_hf_state
 from megatron_s2l.learner.step import Learner
 from megatron_s2l.rollout.checks import check_config
+from megatron_s2l.rollout.colocation import Colocation
 from megatron_s2l.rollout.explorer_cache import ExplorerCache
 from megatron_s2l.rollout.mixer import S2LMixer
 from megatron_s2l.rollout.phase import RolloutHook, RolloutPhase
-from megatron_s2l.rollout.refit import Refitter
 from megatron_s2l.rollout.vllm_engine import VLLMEngine
 from megatron_s2l.types import Prompt, TrainBatch
 
@@ -54,7 +54,7 @@ def train(cfg: S2LConfig, rollout: RolloutHook | None = None) -> TrainResult:
     start = _resume(cfg, learner, stream)
     rollout = rollout or build_rollout_phase(cfg, tokenizer)
     if start > 1:  # the engine was started from the initial weights
-        rollout.sync_weights(export_hf_weights(learner.model_chunks, cfg.learner))
+        rollout.sync_weights(export_hf_weights(learner.model_chunks, cfg.learner), changed=True)
     held_out = prompts_from_config(cfg.data, tokenizer, "eval").prompts if cfg.logging.eval_interval else []
     eval_scorer = MathScorer() if held_out else None  # one verifier worker for every evaluation of the run
     writer = _tensorboard(cfg)
@@ -72,8 +72,7 @@ def train(cfg: S2LConfig, rollout: RolloutHook | None = None) -> TrainResult:
         result.last_step = step
         if step % cfg.logging.log_interval == 0:
             _log(writer, step, metrics)
-        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", explorer=f"{metrics['schedule/explorer_share']:.2f}",
-                        kl=f"{metrics.get('train/kl', 0.0):.4f}")
+        bar.set_postfix(progress_fields(metrics))
         if _should_save(cfg, step):
             save_checkpoint(cfg.checkpoint.save_dir, step, learner, state={"prompts": stream.state_dict()})
     if writer:
@@ -88,12 +87,15 @@ def train_step(cfg: S2LConfig, step: int, prompts: list[Prompt], rollout: Rollou
     Combined groups make one phase; separate groups an explorer phase then a learner phase (rolled out
     after the first update), whose metrics are prefixed with the phase's source.
     """
-    metrics: dict[str, float] = {"schedule/explorer_share": rollout_share(rollout, step)}
+    metrics: dict[str, float] = {}
     phases = rollout.phases(step)
     rewards = []
     for sources in phases:
         timer = _Timer()
         groups = rollout.rollout(step, prompts, sources)
+        if prompts and not groups:
+            raise RuntimeError(all_dropped_message(cfg, step, rollout.metrics(step)))
+        rollout.release_memory()
         phase = {"time/rollout": timer.lap(),
                  "rollout/tokens": float(sum(len(s.response_ids) for g in groups for s in g.samples))}
         phase["rollout/tokens_per_s"] = phase["rollout/tokens"] / max(phase["time/rollout"], 1e-9)
@@ -102,6 +104,7 @@ def train_step(cfg: S2LConfig, step: int, prompts: list[Prompt], rollout: Rollou
         rewards.append(batch.rewards)
         batch, advantage_metrics = with_advantages(batch, cfg)
         phase.update(advantage_metrics)
+        changed = False  # the learner's weights: an optimizer step changes them
         if batch.size:  # old log-probs: the learner takes them in `train`, where no pass is redundant
             if cfg.loss.kl_coef > 0:
                 batch.ref_logprobs = learner.logprobs(batch, reference=True)
@@ -109,13 +112,14 @@ def train_step(cfg: S2LConfig, step: int, prompts: list[Prompt], rollout: Rollou
             trained = learner.train(batch, max_response_len=cfg.learner_sampling.max_new_tokens)
             phase.update({f"train/{k}": v for k, v in trained.items()})
             phase["time/train"] = timer.lap()
-            if trained["optimizer_steps"]:
-                rollout.sync_weights(export_hf_weights(learner.model_chunks, cfg.learner))
-            phase["time/refit"] = timer.lap()
+            changed = trained["optimizer_steps"] > 0
+        # lazy: the export starts only if the engine needs the weights (changed, or dropped while asleep)
+        rollout.sync_weights(export_hf_weights(learner.model_chunks, cfg.learner), changed=changed)
+        phase["time/refit"] = timer.lap()
         prefix = f"{sources[0]}_phase/" if len(phases) > 1 else ""
         metrics.update({prefix + k: float(v) for k, v in phase.items()})
     metrics["reward/mean"] = float(torch.cat(rewards).mean())  # over every rollout of the step
-    return metrics
+    return metrics | rollout.metrics(step)
 
 
 def with_advantages(batch: TrainBatch, cfg: S2LConfig) -> tuple[TrainBatch, dict[str, float]]:
@@ -164,26 +168,46 @@ def build_rollout_phase(cfg: S2LConfig, tokenizer: PromptTokenizer) -> RolloutPh
         explorer = ExplorerCache(cfg.explorer.cache_path, seed=cfg.seed)
     mixer = S2LMixer(cfg.schedule, explorer=explorer, learner=learner_engine, explorer_sampling=cfg.explorer.sampling,
                      learner_sampling=cfg.learner_sampling, scorer=RewardScorer(tokenizer.decode), seed=cfg.seed)
-    return RolloutPhase(mixer, Refitter(learner_engine), engine_tp=cfg.learner_engine.tensor_parallel_size)
+    colocation = Colocation(learner_engine, explorer if cfg.explorer.source == "online" else None)
+    return RolloutPhase(mixer, colocation, engine_tp=cfg.learner_engine.tensor_parallel_size)
 
 
 def evaluate_learner(cfg: S2LConfig, rollout: RolloutHook, prompts: list[Prompt], tokenizer: PromptTokenizer,
                      scorer: MathScorer, step: int) -> dict[str, float]:
     """pass@1..k of the learner's engine on the held-out prompts (`logging.eval_*`)."""
-    engine = rollout.mixer.engines["learner"]
     if cfg.logging.eval_max_problems:
         prompts = prompts[:cfg.logging.eval_max_problems]
     k = cfg.logging.eval_samples
-    results = evaluate_prompts(engine, prompts, k=k, sampling=cfg.learner_sampling, decode=tokenizer.decode,
+    results = evaluate_prompts(rollout, prompts, k=k, sampling=cfg.learner_sampling, decode=tokenizer.decode,
                                scorer=scorer, seed=cfg.seed + step)
     summary = passk_summary(results, k)
     return {f"eval/pass@{j}": v for j, v in summary["pass@k"].items()} | {"eval/mean_reward": summary["mean_reward"]}
 
 
-def rollout_share(rollout: RolloutHook, step: int) -> float:
-    """The explorer's share of the step's rollouts (0 for hooks without a mixer)."""
-    mixer = getattr(rollout, "mixer", None)
-    return mixer.explorer_share(step) if mixer is not None else 0.0
+def progress_fields(metrics: dict[str, float]) -> dict[str, str]:
+    """The progress bar's summary of a step: reward, explorer share, KL, and dropped prompts when any."""
+    fields = {"reward": f"{metrics['reward/mean']:.3f}",
+              "explorer": f"{metrics.get('schedule/explorer_share', 0.0):.2f}",
+              "kl": f"{metrics.get('train/kl', 0.0):.4f}"}
+    if metrics.get("rollout/dropped_prompts"):
+        fields["dropped"] = f"{metrics['rollout/dropped_prompts']:.0f}"
+    return fields
+
+
+def all_dropped_message(cfg: S2LConfig, step: int, metrics: dict[str, float]) -> str:
+    """Why a phase of `step` has no group at all: which engine dropped the prompts and which limit to raise."""
+    limits = {"learner": ("learner_engine", cfg.learner_engine, "learner_sampling", cfg.learner_sampling),
+              "explorer": ("explorer.engine", cfg.explorer.engine, "explorer.sampling", cfg.explorer.sampling)}
+    reasons = []
+    for source, (engine_at, engine, sampling_at, sampling) in limits.items():
+        dropped = metrics.get(f"rollout/dropped_prompts/{source}", 0)
+        if dropped:
+            reasons.append(f"the {source} engine dropped {dropped:.0f} (prompts longer than {engine_at}.max_model_len="
+                           f"{engine.max_model_len} minus {sampling_at}.max_new_tokens={sampling.max_new_tokens}: "
+                           f"raise {engine_at}.max_model_len or lower data.max_prompt_length="
+                           f"{cfg.data.max_prompt_length})")
+    return (f"step {step}: every prompt of the phase was dropped, nothing to train on: "
+            + ("; ".join(reasons) or "the rollout hook returned no groups") + ".")
 
 
 def _resume(cfg: S2LConfig, learner: Learner, stream: PromptStream) -> int:

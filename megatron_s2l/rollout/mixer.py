@@ -55,7 +55,9 @@ class S2LMixer:
         self.sampling: dict[Source, SamplingConfig] = {"explorer": explorer_sampling, "learner": learner_sampling}
         self.scorer = scorer
         self.seed = seed
-        self.dropped_prompts = 0  # prompts an engine could not serve (too long), left out of the groups
+        # counters of the last `rollout` call: rollout/dropped_prompts (prompts left without a group because
+        # an engine could not serve them: too long) and rollout/dropped_prompts/<source> (per engine)
+        self.metrics: dict[str, float] = {}
 
     def split(self, step: int) -> GroupSplit:
         """(G_w, G_s) per prompt at 1-based `step`; (0, G) without an explorer."""
@@ -85,9 +87,9 @@ class S2LMixer:
         """Sample `sources` for every prompt at `step`, set each sample's reward, and group them.
 
         combined: one group per prompt with all requested sources; separate: one group per prompt and
-        source. A prompt that an engine dropped (too long) gets no group and is counted in
-        `dropped_prompts`. The samples are scored in one `scorer.score` call, the learner's first in their own
-        call with `allocation='adaptive'`: they decide which prompts the explorer serves (`algo.allocation`).
+        source. A prompt that an engine dropped (too long) gets no group and is counted in `metrics`. The
+        samples are scored in one `scorer.score` call, the learner's first in their own call with
+        `allocation='adaptive'`: they decide which prompts the explorer serves (`algo.allocation`).
         """
         unknown = [s for s in sources if s not in SOURCES]
         if unknown:
@@ -112,12 +114,18 @@ class S2LMixer:
                 drawn[source][i] = got
             if adaptive and source == "learner":
                 self._score([(prompts[i], s) for i, got in zip(asked, samples) for s in got])
+        self.metrics = {"rollout/dropped_prompts": 0.0}
         groups, unscored = [], []
         for i, prompt in enumerate(prompts):
-            per_source = [drawn[source][i] for source in SOURCES if source in drawn and drawn[source][i] is not None]
-            if any(not samples for samples in per_source):
-                self.dropped_prompts += 1
+            asked = {source: drawn[source][i] for source in SOURCES if source in drawn and drawn[source][i] is not None}
+            dropped_by = [source for source, samples in asked.items() if not samples]
+            if dropped_by:
+                self.metrics["rollout/dropped_prompts"] += 1
+                for source in dropped_by:
+                    key = f"rollout/dropped_prompts/{source}"
+                    self.metrics[key] = self.metrics.get(key, 0.0) + 1
                 continue
+            per_source = list(asked.values())
             unscored += [(prompt, s) for samples in per_source for s in samples if s.reward is None]
             if self.schedule.group_mode == "combined":
                 groups.append(RolloutGroup(prompt.prompt_id, [s for samples in per_source for s in samples]))

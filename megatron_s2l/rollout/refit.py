@@ -10,14 +10,12 @@ flight, and `encode_bucket` / `decode_bucket` carry a bucket to the engine's wor
 - "cuda_ipc": GPU worker processes: the bucket is flattened into one uint8 CUDA tensor and one IPC
   handle crosses per bucket (per-tensor handles are several times slower, see NeMo-RL).
 
-`Refitter` skips the whole export when the learner's weights did not change since the last refit.
+When to refit, and the wake order around it, is `rollout.colocation`'s.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Optional, Protocol
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -81,42 +79,3 @@ def decode_bucket(payload, device: torch.device) -> list[tuple[str, torch.Tensor
         tensors.append((name, flat[offset:offset + nbytes].view(dtype).view(shape)))
         offset += nbytes
     return tensors
-
-
-class WeightReceiver(Protocol):
-    """An engine that accepts HF-named weights in place (VLLMEngine)."""
-
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
-                       version: Optional[int] = None) -> dict[str, float]: ...
-
-    def wake(self, tags: Optional[Sequence[str]] = None) -> None: ...
-
-
-class Refitter:
-    """Refit one engine from the learner, only when the learner's weights version moved on.
-
-    Give `refit` a lazy iterable (the generator `export_hf_weights` returns): a skipped refit never
-    starts it, so an unchanged learner costs no export. If the export is collective, every rank must
-    take the same decision: call `refit` with the same version on every rank.
-    """
-
-    def __init__(self, engine: WeightReceiver):
-        """Wrap `engine`; the first `refit` always loads."""
-        self.engine = engine
-        self.version: Optional[int] = None
-
-    def refit(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: int) -> Optional[dict[str, float]]:
-        """Load `named_tensors` into the engine unless `version` is already loaded; return stats or None.
-
-        The engine's weights are woken first and its KV cache after the load, so old weights, new
-        buckets and the KV cache are never resident at once.
-        """
-        if version == self.version:
-            return None
-        start = time.perf_counter()
-        self.engine.wake(["weights"])
-        stats = self.engine.update_weights(named_tensors, version=version)
-        self.engine.wake(["kv_cache"])
-        self.version = version
-        seconds = time.perf_counter() - start
-        return dict(stats, seconds=seconds, mb_per_s=stats["bytes"] / 2**20 / seconds)

@@ -133,12 +133,12 @@ class VLLMEngine:
         self.model_id = model_id
         self.eos_token_id = eos_token_id
         self.version: Optional[int] = None
-        self.dropped_prompts = 0  # prompts longer than the limit, skipped (engine.on_long_prompt="drop")
         self._calls = 0
         self._executor = executor_backend(engine.tensor_parallel_size)
         self._in_process = self._executor != "mp"
         self._sleep_mode = engine.enable_sleep_mode and torch.cuda.is_available()
-        self._asleep = False
+        self._asleep: set[str] = set()  # memory released by `sleep` and not yet woken: "weights", "kv_cache"
+        self.weights_dropped = False  # a level-2 sleep discarded the weights: only a full update restores them
         self.llm = self._start(hf_path)
 
     def _start(self, hf_path: str):
@@ -214,7 +214,6 @@ class VLLMEngine:
                         f"{self.source} engine's limit of {limit} (max_model_len={self.cfg.max_model_len} minus "
                         f"max_new_tokens={sampling.max_new_tokens}): shorten it, raise max_model_len, or set "
                         f"engine.on_long_prompt='drop' to skip and count such prompts")
-                self.dropped_prompts += 1
                 continue
             seen[prompt.prompt_id] += 1
             requests.append(TokensPrompt(prompt_token_ids=list(prompt.prompt_ids)))
@@ -266,6 +265,7 @@ class VLLMEngine:
                              f"(first: {missing[:3]}); they keep their old values. Pass every HF-named weight "
                              f"of the model (tied lm_head excepted)")
         self.version = version
+        self.weights_dropped = False
         return {"bytes": float(total), "seconds": time.perf_counter() - start, "buckets": float(buckets)}
 
     def close(self) -> None:
@@ -273,16 +273,27 @@ class VLLMEngine:
         teardown also destroys torch.distributed's default process group: close only when the run ends."""
         self.llm.llm_engine.engine_core.shutdown()
 
-    def sleep(self, level: int = 1) -> None:
-        """Release GPU memory between rollouts (level 1 keeps a CPU copy of the weights, level 2 drops
-        them: only when a full weight update follows). A no-op where sleep mode is off (always on CPU)."""
-        if self._sleep_mode and not self._asleep:
-            self.llm.sleep(level=level)
-            self._asleep = True
+    def sleep(self, level: int) -> None:
+        """Release the engine's GPU memory until `wake`: level 1 offloads the weights to host memory and
+        discards the KV cache; level 2 discards both (only when a full weight update follows: the weights
+        are then `weights_dropped` until `update_weights`). A no-op where sleep mode is off (always on
+        CPU) or while already asleep."""
+        if not self._sleep_mode or self._asleep:
+            return
+        self.llm.sleep(level=level)
+        self._asleep = {"weights", "kv_cache"}
+        self.weights_dropped = level == 2
 
     def wake(self, tags: Optional[Sequence[str]] = None) -> None:
-        """Re-allocate `tags` ("weights", "kv_cache"; None: all). Refit order: wake(["weights"]),
-        update_weights, wake(["kv_cache"]), so old weights, new buckets and the KV cache never coexist.
-        A no-op where sleep mode is off."""
-        if self._sleep_mode and self._asleep:
-            self._asleep = not self.llm.wake_up(list(tags) if tags is not None else None)
+        """Re-allocate the released memory of `tags` ("weights", "kv_cache"; None: all of it). A refit
+        wakes ["weights"], updates them, then wakes ["kv_cache"], so that old weights, new buckets and the
+        KV cache never coexist; vLLM schedules requests again once everything is awake."""
+        waking = self._asleep & set(tags if tags is not None else self._asleep)
+        if waking:
+            self.llm.wake_up(sorted(waking))
+            self._asleep -= waking
+
+    @property
+    def asleep(self) -> frozenset[str]:
+        """The memory kinds released and not yet woken ("weights", "kv_cache")."""
+        return frozenset(self._asleep)

@@ -20,9 +20,9 @@ import yaml
 from megatron_s2l.config import S2LConfig
 from megatron_s2l.data.task import TaskSpec, task_splits
 from megatron_s2l.data.tokenizer import load_tokenizer, train_tokenizer
+from megatron_s2l.rollout.colocation import Colocation
 from megatron_s2l.rollout.mixer import S2LMixer, Scorer
 from megatron_s2l.rollout.phase import RolloutPhase
-from megatron_s2l.rollout.refit import Refitter
 from megatron_s2l.rollout.vllm_engine import VLLMEngine
 from megatron_s2l.types import Prompt, Sample
 from tests.tiny_models import write_tiny_model
@@ -84,7 +84,7 @@ def even_token_rollout(cfg: S2LConfig, scorer: Scorer | None = None) -> RolloutP
                           model_id=cfg.explorer.model_id, eos_token_id=eos)
     mixer = S2LMixer(cfg.schedule, explorer=explorer, learner=learner, explorer_sampling=cfg.explorer.sampling,
                      learner_sampling=cfg.learner_sampling, scorer=scorer or EvenTokenScorer(), seed=cfg.seed)
-    return RolloutPhase(mixer, Refitter(learner), engine_tp=cfg.learner_engine.tensor_parallel_size)
+    return RolloutPhase(mixer, Colocation(learner, explorer), engine_tp=cfg.learner_engine.tensor_parallel_size)
 
 
 def torchrun_command(config_path: Path, *args: str, nproc: int = 2, max_restarts: int = 0) -> list[str]:

@@ -113,8 +113,10 @@ def test_prompts_an_engine_dropped_get_no_group_and_are_counted():
     mixer, _, scorer = make_mixer("combined", skip={"p1"})
     groups = mixer.rollout(2, PROMPTS, ("explorer", "learner"))
     assert [g.prompt_id for g in groups] == ["p0", "p2"]
-    assert mixer.dropped_prompts == 1
+    assert mixer.metrics == {"rollout/dropped_prompts": 1, "rollout/dropped_prompts/explorer": 1}
     assert [pid for pid, _, _ in scorer.batches[0]] == ["p0"] * 5 + ["p2"] * 5
+    mixer.rollout(3, PROMPTS, ("learner",))  # a new call starts its own counts
+    assert mixer.metrics == {"rollout/dropped_prompts": 0}
 
 
 def test_each_sample_is_scored_against_its_own_prompt():
@@ -176,11 +178,12 @@ def test_adaptive_gives_explorer_samples_only_to_prompts_without_learner_signal(
                      ("learner", ["p0", "p1", "p2"], 5, seed(3))]
     # the learner's samples are scored before the explorer is asked, every sample once
     assert [len(batch) for batch in scorer.batches] == [3 * 5, 2 * 5, 3 * 5, 2 * 3, 3 * 5]
-    assert mixer.dropped_prompts == 0
+    assert mixer.metrics == {"rollout/dropped_prompts": 0}
 
 
 def test_adaptive_asks_no_explorer_for_a_prompt_the_learner_engine_dropped():
     mixer, calls, _ = make_adaptive_mixer(learner_skip={"p0"})
     groups = mixer.rollout(1, PROMPTS, ("explorer", "learner"))
-    assert [g.prompt_id for g in groups] == ["p1", "p2"] and mixer.dropped_prompts == 1
+    assert [g.prompt_id for g in groups] == ["p1", "p2"]
+    assert mixer.metrics == {"rollout/dropped_prompts": 1, "rollout/dropped_prompts/learner": 1}
     assert calls[1][:2] == ("explorer", ["p2"])

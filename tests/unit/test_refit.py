@@ -1,9 +1,9 @@
-"""Refit plumbing: bucketing by bytes, bucket transports, and the version-based skip with its wake order."""
+"""Refit plumbing: bucketing by bytes and bucket transports (when to refit: tests/unit/test_colocation.py)."""
 
 import pytest
 import torch
 
-from megatron_s2l.rollout.refit import Refitter, decode_bucket, encode_bucket, iter_buckets
+from megatron_s2l.rollout.refit import decode_bucket, encode_bucket, iter_buckets
 
 
 def named(*sizes):
@@ -40,33 +40,3 @@ def test_transports_round_trip(transport):
         assert decoded[name].dtype == tensor.dtype and torch.equal(decoded[name], tensor)
     with pytest.raises(ValueError, match="accepted values"):
         encode_bucket(bucket, "pigeon")
-
-
-class RecordingEngine:
-    def __init__(self):
-        self.events = []
-
-    def wake(self, tags=None):
-        self.events.append(("wake", tuple(tags)))
-
-    def update_weights(self, named_tensors, *, version=None):
-        items = list(named_tensors)
-        self.events.append(("update", version, [n for n, _ in items]))
-        return {"bytes": float(sum(t.numel() * 4 for _, t in items)), "buckets": 1.0}
-
-
-def test_refit_only_when_the_version_moves_and_wakes_weights_first():
-    engine = RecordingEngine()
-    refitter = Refitter(engine)
-    exported = []
-
-    def export():
-        exported.append(1)
-        yield from named(4, 4)
-
-    stats = refitter.refit(export(), version=3)
-    assert engine.events == [("wake", ("weights",)), ("update", 3, ["w0", "w1"]), ("wake", ("kv_cache",))]
-    assert stats["bytes"] == 32 and stats["mb_per_s"] > 0
-    assert refitter.refit(export(), version=3) is None and exported == [1]  # the skipped export never ran
-    refitter.refit(export(), version=4)
-    assert exported == [1, 1] and engine.events[-2][1] == 4

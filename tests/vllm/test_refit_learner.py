@@ -3,7 +3,7 @@ engine sampled equal the engine's behaviour log-probs (float32, 1e-4), and diffe
 
 This is the mismatch NeMo-RL users hit (stale or mis-mapped weights in the rollout engine). The learner
 takes two SFT steps so that its weights differ from the HF directory both were started from; the refit
-streams them through `export_hf_weights` and `Refitter`, the one mapping used in training.
+streams them through `export_hf_weights` and `Colocation.refit`, the one mapping used in training.
 """
 
 import dataclasses
@@ -49,7 +49,7 @@ def _refit_one(path, engines):
     """One model: the |learner - engine| log-prob gaps on response tokens before and after the refit."""
     from megatron_s2l.learner.hf_weights import export_hf_weights, model_config_from_hf, read_hf_state
     from megatron_s2l.learner.step import Learner
-    from megatron_s2l.rollout.refit import Refitter
+    from megatron_s2l.rollout.colocation import Colocation
     from megatron_s2l.rollout.vllm_engine import VLLMEngine
 
     cfg = model_config_from_hf(path)
@@ -65,7 +65,7 @@ def _refit_one(path, engines):
     losses = [learner.sft_step(tokens, mask) for _ in range(2)]
 
     stale, stale_behaviour, stale_mask = _learner_logprobs(learner, engine.generate(PROMPTS, 2, SAMPLING, seed=3))
-    stats = Refitter(engine).refit(export_hf_weights(learner.model_chunks, cfg), version=1)
+    stats = Colocation(engine).refit(export_hf_weights(learner.model_chunks, cfg), changed=True)
     fresh, behaviour, fresh_mask = _learner_logprobs(learner, engine.generate(PROMPTS, 2, SAMPLING, seed=3))
     return {"losses": losses, "refit_bytes": stats["bytes"], "hf_bytes": sum(state[n].numel() * 4 for n in state),
             "before": (stale - stale_behaviour)[stale_mask].abs(),  # [N]
