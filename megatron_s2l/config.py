@@ -395,6 +395,7 @@ class S2LConfig:
         if self.optim.mini_batch_prompts > 0 and self.prompts_per_step % self.optim.mini_batch_prompts:
             errors.append(f"optim.mini_batch_prompts={self.optim.mini_batch_prompts}: must divide "
                           f"prompts_per_step={self.prompts_per_step}")
+        errors += self._engine_length_errors()
         return errors + (_path_problems(self) if check_files else [])
 
     def validate(self, check_files: bool = True) -> "S2LConfig":
@@ -402,6 +403,17 @@ class S2LConfig:
         listing every problem, else return self."""
         raise_problems(self.problems(check_files))
         return self
+
+    def _engine_length_errors(self) -> list[str]:
+        """Each engine must hold the longest prompt plus its own generation budget, or it drops prompts."""
+        engines = [("learner_engine", self.learner_engine, "learner_sampling", self.learner_sampling)]
+        if self.explorer.source == "online":
+            engines.append(("explorer.engine", self.explorer.engine, "explorer.sampling", self.explorer.sampling))
+        return [f"{at}.max_model_len={engine.max_model_len}: must hold data.max_prompt_length="
+                f"{self.data.max_prompt_length} plus {sampling_at}.max_new_tokens={sampling.max_new_tokens}; raise it "
+                f"to {self.data.max_prompt_length + sampling.max_new_tokens} or lower one of the two"
+                for at, engine, sampling_at, sampling in engines
+                if engine.max_model_len < self.data.max_prompt_length + sampling.max_new_tokens]
 
     @classmethod
     def parse(cls, data: Any) -> tuple["S2LConfig", list[str]]:

@@ -159,3 +159,14 @@ def test_every_bad_override_is_collected():
                             "override 'seed.x=1': 'seed' is not a section"]
     assert problems[2].startswith("override 'loss.kl_coef=[': the value is not valid YAML (")
     assert len(problems) == 3
+
+
+def test_each_engine_must_hold_the_longest_prompt_plus_its_own_new_tokens():
+    engine = {"max_model_len": 160}
+    message = _errors(data={"max_prompt_length": 128}, learner_engine=engine, learner_sampling={"max_new_tokens": 32},
+                      explorer={"hf_path": "/m", "engine": engine, "sampling": {"max_new_tokens": 33}})
+    assert "learner_engine.max_model_len" not in message  # 128 + 32 = 160 fits exactly
+    assert ("explorer.engine.max_model_len=160: must hold data.max_prompt_length=128 plus "
+            "explorer.sampling.max_new_tokens=33; raise it to 161") in message
+    S2LConfig.from_dict({"data": {"max_prompt_length": 128}, "explorer": {  # an offline explorer has no engine
+        "source": "offline", "cache_path": "c.jsonl", "engine": engine, "sampling": {"max_new_tokens": 33}}}, check_files=False).validate(check_files=False)

@@ -42,7 +42,8 @@ def test_cli_resumes_a_crashed_cache_to_the_uninterrupted_bytes(explorer, tmp_pa
         for p in PROMPTS))
     config = {"explorer": {"hf_path": str(path), "model_id": "small",
                            "engine": {"kv_cache_memory_bytes": 64 * 2**20, "max_model_len": 128, "dtype": "float32"},
-                           "sampling": {"temperature": 0.7, "top_p": 0.95, "max_new_tokens": 12}}}
+                           "sampling": {"temperature": 0.7, "top_p": 0.95, "max_new_tokens": 12}},
+              "data": {"max_prompt_length": 116}}  # the engine's 128 tokens hold a prompt and 12 new ones
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     generate_cli(["--config", str(tmp_path / "run.yaml"), "--out", str(crashed), "--n", "4", "--batch-size", "3",
                   "--prompt-ids", str(tmp_path / "prompts.jsonl"), "--eos-token-id", "1", "--no-reward"])
