@@ -27,8 +27,10 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_s2l.config import ParallelConfig
-from megatron_s2l.learner.hf_weights import export_hf_weights, load_hf_weights, model_config_from_hf, read_hf_state
+from megatron_s2l.learner.hf_config import model_config_from_hf
+from megatron_s2l.learner.hf_weights import export_hf_weights, load_hf_weights
 from megatron_s2l.learner.model import build_model, init_parallel, transformer_config
+from megatron_s2l.learner.safetensors_io import read_hf_state
 from tests.tiny_models import write_tiny_model
 
 

@@ -100,7 +100,7 @@ class MeteredRollout:
 
 def matmul_params(hf_path: str) -> int:
     """Parameters a token's forward multiplies with: all but the embedding lookup, plus a tied lm_head."""
-    from megatron_s2l.learner.hf_weights import read_hf_state
+    from megatron_s2l.learner.safetensors_io import read_hf_state
 
     state = read_hf_state(hf_path)
     names = set(state)

@@ -25,7 +25,9 @@ from megatron_s2l.data.prompts import PromptStream, prompts_from_config
 from megatron_s2l.data.tokenizer import PromptTokenizer, load_tokenizer
 from megatron_s2l.evaluation.passk_eval import evaluate_prompts, passk_summary
 from megatron_s2l.learner.checkpoint import load_checkpoint, save_checkpoint
-from megatron_s2l.learner.hf_weights import export_hf_weights, model_config_from_hf, read_hf_state
+from megatron_s2l.learner.hf_config import model_config_from_hf
+from megatron_s2l.learner.hf_weights import export_hf_weights
+from megatron_s2l.learner.safetensors_io import read_hf_state
 from megatron_s2l.learner.step import Learner
 from megatron_s2l.rollout.checks import check_config
 from megatron_s2l.rollout.colocation import Colocation

@@ -1,6 +1,6 @@
 """Hugging Face safetensors directories <-> Megatron-Core distributed checkpoints (the logic of tools/convert_*).
 
-Both directions go through `learner.hf_weights` (the mapping the vLLM refit uses too) and
+Both directions go through `learner.hf_weights` (the one mapping, as the vLLM refit) and
 `learner.checkpoint` (the layout training resumes from). Tensors stream: HF -> Megatron reads one
 safetensors tensor at a time (each rank only those of its own stage); Megatron -> HF holds at most one
 output shard (`max_shard_bytes`) besides the model. Run with `torchrun --nproc_per_node=TP*PP` (or as
@@ -29,8 +29,10 @@ from megatron.core import dist_checkpointing
 from megatron_s2l.config import ConfigError, LayerSpec, ModelConfig, ParallelConfig
 from megatron_s2l.console import exit_with_error
 from megatron_s2l.learner.checkpoint import checkpoint_dir, latest_step, load_checkpoint, save_checkpoint
-from megatron_s2l.learner.hf_weights import (EMBEDDING, load_hf_weights, model_config_from_hf, padded_vocab_size,
-                                             read_hf_state, save_hf_dir)
+from megatron_s2l.learner.hf_config import model_config_from_hf
+from megatron_s2l.learner.hf_mapping import EMBEDDING, padded_vocab_size
+from megatron_s2l.learner.hf_weights import load_hf_weights, save_hf_dir
+from megatron_s2l.learner.safetensors_io import read_hf_state
 from megatron_s2l.learner.model import build_model, init_parallel, transformer_config
 
 # Tokenizer files copied next to an exported model (whichever the tokenizer directory has).

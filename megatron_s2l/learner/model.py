@@ -20,7 +20,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron_s2l.config import FP8Config, ModelConfig, ParallelConfig
 from megatron_s2l.learner.cpu_shims import apply_cpu_shims
 from megatron_s2l.learner.fp8 import fp8_transformer_fields, require_transformer_engine
-from megatron_s2l.learner.hf_weights import padded_vocab_size
+from megatron_s2l.learner.hf_mapping import padded_vocab_size
 
 
 def _free_port() -> int:

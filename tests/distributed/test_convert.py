@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_s2l.learner.hf_weights import read_hf_state
+from megatron_s2l.learner.safetensors_io import read_hf_state
 from tests.tiny_models import write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,7 +160,8 @@ def _learner_checkpoint_to_hf(rank, world_size, root):
     from megatron_s2l.config import FP8Config, LossConfig, ModelConfig, OptimConfig, ParallelConfig
     from megatron_s2l.learner.checkpoint import save_checkpoint
     from megatron_s2l.learner.convert import megatron_to_hf
-    from megatron_s2l.learner.hf_weights import export_hf_weights, hf_config
+    from megatron_s2l.learner.hf_config import hf_config
+    from megatron_s2l.learner.hf_weights import export_hf_weights
     from megatron_s2l.learner.step import Learner
 
     cfg = ModelConfig(num_layers=2, tie_word_embeddings=False)
@@ -204,9 +205,11 @@ def _odd_vocab_at_tp2(rank, world_size, root):
     from megatron_s2l.config import ParallelConfig
     from megatron_s2l.learner.checkpoint import load_checkpoint
     from megatron_s2l.learner.convert import hf_to_megatron, megatron_to_hf
-    from megatron_s2l.learner.hf_weights import (export_hf_weights, load_hf_weights, model_config_from_hf,
-                                                 padded_vocab_size, read_hf_state)
+    from megatron_s2l.learner.hf_config import model_config_from_hf
+    from megatron_s2l.learner.hf_mapping import padded_vocab_size
+    from megatron_s2l.learner.hf_weights import export_hf_weights, load_hf_weights
     from megatron_s2l.learner.model import build_model, transformer_config
+    from megatron_s2l.learner.safetensors_io import read_hf_state
 
     parallel = ParallelConfig(tensor_model_parallel_size=2)
     tokens = torch.load(f"{root}/tokens.pt")  # [B, T+1]

@@ -62,7 +62,8 @@ def _convert_and_run(rank, world_size, tokens, paths):
     from megatron.core import parallel_state
 
     from megatron_s2l.config import ParallelConfig
-    from megatron_s2l.learner.hf_weights import export_hf_weights, load_hf_weights, model_config_from_hf
+    from megatron_s2l.learner.hf_config import model_config_from_hf
+    from megatron_s2l.learner.hf_weights import export_hf_weights, load_hf_weights
     from megatron_s2l.learner.model import build_model, init_parallel, transformer_config
     from safetensors.torch import load_file
 

@@ -259,7 +259,8 @@ def test_fp8_without_transformer_engine_fails_at_start_up():
 
 def _odd_vocab_learner(rank, world_size, hf_dir):
     """A Learner at TP=2 on a 301-id HF model: 302 embedding rows, log-probs over the 301 real ids."""
-    from megatron_s2l.learner.hf_weights import model_config_from_hf, read_hf_state
+    from megatron_s2l.learner.hf_config import model_config_from_hf
+    from megatron_s2l.learner.safetensors_io import read_hf_state
     from megatron_s2l.learner.step import Learner
 
     learner = Learner(model_config_from_hf(hf_dir), ParallelConfig(tensor_model_parallel_size=2), OPTIM, LOSS,

@@ -44,7 +44,7 @@ SEED = 3
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory) -> tuple[ModelConfig, str]:
     """A 2-layer Qwen3-style checkpoint with FP8-friendly sizes, and its ModelConfig (local spec)."""
-    from megatron_s2l.learner.hf_weights import model_config_from_hf
+    from megatron_s2l.learner.hf_config import model_config_from_hf
 
     path = write_tiny_model(tmp_path_factory.mktemp("te") / "hf", vocab_size=1024, hidden_size=256,
                             intermediate_size=768, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
@@ -68,7 +68,7 @@ def make_batch(vocab_size: int) -> TrainBatch:
 
 def learner(model: ModelConfig, hf_path: str, fp8: FP8Config = FP8Config()):
     """A TP=1 Learner loaded from the HF checkpoint at `hf_path`."""
-    from megatron_s2l.learner.hf_weights import read_hf_state
+    from megatron_s2l.learner.safetensors_io import read_hf_state
     from megatron_s2l.learner.step import Learner
 
     built = Learner(model, ParallelConfig(), OPTIM, LOSS, fp8, seed=SEED, with_reference=False)
@@ -78,9 +78,9 @@ def learner(model: ModelConfig, hf_path: str, fp8: FP8Config = FP8Config()):
 
 def local_names(model_chunk) -> dict[str, torch.nn.Parameter]:
     """Parameters by local-spec name (TE fuses the pre-norms into the next linear as `layer_norm_weight`)."""
-    from megatron_s2l.learner.hf_weights import _TE_NAMES
+    from megatron_s2l.learner.hf_mapping import TE_NAMES
 
-    renames = {te: local for local, te in _TE_NAMES.items()}
+    renames = {te: local for local, te in TE_NAMES.items()}
     params = {}
     for name, param in model_chunk.named_parameters():
         for te_suffix, local_suffix in renames.items():
@@ -162,8 +162,9 @@ def test_te_bf16_model_close_to_reference(hf_model, reference):
 
     from megatron_s2l.algo.logprobs import vocab_parallel_logprobs
     from megatron_s2l.algo.loss import grpo_loss
-    from megatron_s2l.learner.hf_weights import load_hf_weights, read_hf_state
+    from megatron_s2l.learner.hf_weights import load_hf_weights
     from megatron_s2l.learner.model import build_model, transformer_config
+    from megatron_s2l.learner.safetensors_io import read_hf_state
 
     model, path = hf_model
     te_model = dataclasses.replace(model, layer_spec="te")

@@ -49,7 +49,8 @@ def make_batch(vocab_size: int) -> TrainBatch:
 
 def run(optim: OptimConfig, hf_path: str, batch: TrainBatch, old: torch.Tensor | None) -> dict:
     """A TE BF16 Learner from `hf_path`: its log-probs, then one GRPO step (on `old` log-probs) and its gradients."""
-    from megatron_s2l.learner.hf_weights import model_config_from_hf, read_hf_state
+    from megatron_s2l.learner.hf_config import model_config_from_hf
+    from megatron_s2l.learner.safetensors_io import read_hf_state
     from megatron_s2l.learner.step import Learner
 
     model = dataclasses.replace(model_config_from_hf(hf_path), layer_spec="te", params_dtype="bfloat16")

@@ -11,7 +11,7 @@ import pytest
 
 from megatron_s2l.config import S2LConfig
 from megatron_s2l.launch import bridge_recipes as recipes
-from megatron_s2l.learner.hf_weights import model_config_from_dict
+from megatron_s2l.learner.hf_config import model_config_from_dict
 
 
 def _bridge_import_error() -> str | None:

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from megatron_s2l.config import ModelConfig
-from megatron_s2l.learner.hf_weights import (FC1, QKV, REPLICATED, ROW, VOCAB, check_hf_state, hf_config,
-                                             model_config_from_dict, model_config_from_hf, padded_vocab_size,
-                                             read_hf_state, shard, to_hf, to_megatron, unshard, weight_map,
-                                             write_safetensors)
+from megatron_s2l.learner.hf_config import hf_config, model_config_from_dict, model_config_from_hf
+from megatron_s2l.learner.hf_mapping import (FC1, QKV, REPLICATED, ROW, VOCAB, check_hf_state, padded_vocab_size,
+                                             shard, to_hf, to_megatron, unshard, weight_map)
+from megatron_s2l.learner.safetensors_io import read_hf_state, write_safetensors
 from tests.tiny_models import write_tiny_model
 
 
@@ -173,7 +173,7 @@ def test_check_hf_state_refuses_mismatches(tiny):
         check_hf_state(cfg, state | {"model.embed_tokens.weight": torch.zeros(500, 128)})
     with pytest.raises(ValueError, match="lm_head.weight but its config says tie_word_embeddings=true"):
         check_hf_state(dataclasses.replace(cfg, tie_word_embeddings=True), state)
-    with pytest.raises(ValueError, match="does not match a llama model"):
+    with pytest.raises(ValueError, match="does not match a model with 2 layers \\(qk_layernorm=False"):
         check_hf_state(dataclasses.replace(cfg, qk_layernorm=False), state)
 
 

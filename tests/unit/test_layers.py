@@ -14,7 +14,7 @@ ALLOWED = {
     "console": {"config"},
     "algo": {"config", "types"},
     "learner": {"config", "types", "console", "algo"},
-    "rollout": {"config", "types", "algo", "learner.hf_weights"},
+    "rollout": {"config", "types", "algo"},
     "data": {"config", "types", "algo"},
     "evaluation": {"config", "types", "algo", "data", "rollout"},
     "loop": {"config", "types", "algo", "learner", "rollout", "data", "evaluation"},

@@ -47,7 +47,9 @@ def _refit_agreement(rank, world_size, paths):
 
 def _refit_one(path, engines):
     """One model: the |learner - engine| log-prob gaps on response tokens before and after the refit."""
-    from megatron_s2l.learner.hf_weights import export_hf_weights, model_config_from_hf, read_hf_state
+    from megatron_s2l.learner.hf_config import model_config_from_hf
+    from megatron_s2l.learner.hf_weights import export_hf_weights
+    from megatron_s2l.learner.safetensors_io import read_hf_state
     from megatron_s2l.learner.step import Learner
     from megatron_s2l.rollout.colocation import Colocation
     from megatron_s2l.rollout.vllm_engine import VLLMEngine

@@ -1,0 +1,117 @@
+"""config.json <-> ModelConfig for the Hugging Face families the mapping covers (Qwen3, Llama)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from megatron_s2l.config import ModelConfig
+
+# model_type in config.json -> the architecture class name written back.
+HF_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+def model_config_from_hf(path: str | Path) -> ModelConfig:
+    """ModelConfig of a local HF Qwen3 or Llama checkpoint (a directory with config.json, or the file).
+
+    Raises ValueError naming the file and field for architectures this mapping cannot represent.
+    """
+    path = Path(path)
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
+        raise ValueError(f"{config_file}: no such file; expected a local Hugging Face model directory "
+                         f"with config.json (hub ids are not downloaded)")
+    cfg = model_config_from_dict(json.loads(config_file.read_text()), str(config_file))
+    return dataclasses.replace(cfg, hf_path=str(config_file.parent))
+
+
+def model_config_from_dict(hf: Mapping, source: str = "config.json") -> ModelConfig:
+    """ModelConfig of the parsed config.json `hf` of a Qwen3 or Llama model; `source` names it in errors."""
+    family = hf.get("model_type")
+    if family not in HF_ARCHITECTURES:
+        raise ValueError(f"{source}: model_type={family!r} (architectures={hf.get('architectures')}) is "
+                         f"not supported; accepted: {sorted(HF_ARCHITECTURES)} "
+                         f"(use --backend bridge for other architectures)")
+    unsupported = {"hidden_act": ("silu", hf.get("hidden_act", "silu")),
+                   "attention_bias": (False, hf.get("attention_bias", False)),
+                   "mlp_bias": (False, hf.get("mlp_bias", False)),
+                   "use_sliding_window": (False, hf.get("use_sliding_window", False)),
+                   "rope type": ("default", _rope(hf)[1])}
+    for field_name, (accepted, value) in unsupported.items():
+        if value != accepted:
+            raise ValueError(f"{source}: {field_name}={value!r} is not supported by the megatron-s2l "
+                             f"mapping (accepted: {accepted!r}); convert with --backend bridge instead")
+    missing = [key for key in _REQUIRED if key not in hf]
+    if missing:
+        raise ValueError(f"{source}: missing field(s) {missing}; a {family} config.json needs {list(_REQUIRED)}")
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf["max_position_embeddings"],
+        rotary_base=float(_rope(hf)[0]),
+        norm_epsilon=hf["rms_norm_eps"],
+        qk_layernorm=family == "qwen3",
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+    )
+
+
+_REQUIRED = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size",
+             "max_position_embeddings", "rms_norm_eps")
+
+
+def _rope(hf: Mapping) -> tuple[float, str]:
+    """(theta, rope type) from a transformers 5 `rope_parameters` or a legacy `rope_theta`/`rope_scaling`."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    return params.get("rope_theta", hf.get("rope_theta", 10000.0)), rope_type
+
+
+def hf_family(cfg: ModelConfig) -> str:
+    """The HF family whose architecture `cfg` is: qk-layernorm means Qwen3, none means Llama."""
+    return "qwen3" if cfg.qk_layernorm else "llama"
+
+
+def hf_config(cfg: ModelConfig, family: str | None = None) -> dict:
+    """The config.json contents of `cfg` as an HF `family` model (default: `hf_family(cfg)`).
+
+    Writes the rope base both as transformers 5 `rope_parameters` and as the legacy `rope_theta`, so
+    older transformers and vLLM releases read the same model.
+    """
+    family = family or hf_family(cfg)
+    if family not in HF_ARCHITECTURES:
+        raise ValueError(f"family={family!r}: accepted values are {sorted(HF_ARCHITECTURES)}")
+    if cfg.qk_layernorm != (family == "qwen3"):
+        raise ValueError(f"family={family!r} does not match qk_layernorm={cfg.qk_layernorm}: Qwen3 has "
+                         f"q/k norms and Llama has none; pass family={hf_family(cfg)!r}")
+    config = {
+        "architectures": [HF_ARCHITECTURES[family]],
+        "model_type": family,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups,
+        "head_dim": cfg.kv_channels,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.norm_epsilon,
+        "rope_theta": cfg.rotary_base,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+    }
+    config.update({"use_sliding_window": False, "sliding_window": None} if family == "qwen3" else {"mlp_bias": False})
+    return config
+
