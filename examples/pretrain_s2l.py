@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron_s2l import console
 from megatron_s2l.config import S2LConfig
-from megatron_s2l.console import run_main
 from megatron_s2l.rollout.checks import check_config
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
@@ -42,6 +42,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
         else:
             parser.add_argument(flag, type=kind, help=f"sets {field}")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. schedule.t_mix=4 loss.kl_coef=0")
+    console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     flags = [f"{MEGATRON_FLAGS[f][0]}={v}" for f in MEGATRON_FLAGS
              if (v := getattr(args, f.lstrip("-").replace("-", "_"))) is not None]
@@ -59,9 +60,35 @@ def main(argv=None) -> None:
     if demo:
         cfg = prepare_demo(cfg)
     result = train(cfg)
-    print(f"trained {result.last_step} steps; final reward {result.history[-1]['reward/mean']:.3f}"
-          if result.history else "nothing to train: the latest checkpoint is already at train_steps")
+    for line in summary(cfg, result):
+        console.say(line)
+
+
+def summary(cfg: S2LConfig, result) -> list[str]:
+    """The run's closing lines: held-out pass@1 before and after, training reward, where the logs and
+    checkpoints are."""
+    if not result.history:
+        return [f"nothing to train: the latest checkpoint is already at train_steps={cfg.train_steps}"]
+    first_step = result.last_step - len(result.history) + 1
+    rewards = [m["reward/mean"] for m in result.history]
+    lines = [f"trained steps {first_step}-{result.last_step}: training reward {rewards[0]:.3f} at step {first_step}, "
+             f"{rewards[-1]:.3f} at step {result.last_step}"]
+    evaluated = [(0, result.initial_eval)] if result.initial_eval else []
+    evaluated += [(first_step + i, m) for i, m in enumerate(result.history) if "eval/pass@1" in m]
+    if evaluated:
+        (first, before), (last, after) = evaluated[0], evaluated[-1]
+        lines.append(f"held-out pass@1: {before['eval/pass@1']:.3f} at step {first}, {after['eval/pass@1']:.3f} "
+                     f"at step {last}")
+    else:
+        lines.append("held-out pass@1: not evaluated (set logging.eval_interval)")
+    logs = cfg.logging.tensorboard_dir
+    lines.append(f"TensorBoard: tensorboard --logdir {logs}" if logs else "TensorBoard: off (logging.tensorboard_dir)")
+    saved = cfg.checkpoint.save_dir
+    lines.append(f"checkpoints: {saved} (resume with --load {saved})" if saved
+                 else "checkpoints: none saved (checkpoint.save_dir)")
+    return lines
 
 
 if __name__ == "__main__":  # checkpoint writers re-import __main__
-    run_main(main, Path(__file__).name)
+    console.setup_from_argv()
+    console.run_main(main, Path(__file__).name)

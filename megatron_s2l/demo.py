@@ -35,16 +35,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from megatron_s2l import console
 from megatron_s2l.config import (DataConfig, EngineConfig, FP8Config, LossConfig, ModelConfig, OptimConfig,
                                   ParallelConfig, S2LConfig, SamplingConfig)
-from megatron_s2l.console import run_main
-from megatron_s2l.data.prompts import task_prompts, task_spec
-from megatron_s2l.data.task import Tutor, pretraining_examples, task_splits
-from megatron_s2l.data.tokenizer import TOKENIZER_FILE, Tokenizer, render_prompt, train_tokenizer
-from megatron_s2l.evaluation.passk_eval import evaluate, write_comparison
-from megatron_s2l.learner.hf_weights import save_hf_dir
-from megatron_s2l.learner.step import Learner
-from megatron_s2l.rollout.vllm_engine import VLLMEngine
+
+if __name__ == "__main__":  # the family build prepare_demo starts: quiet before Megatron and vLLM are imported
+    console.setup_from_argv()
+
+from megatron_s2l.data.prompts import task_prompts, task_spec  # noqa: E402
+from megatron_s2l.data.task import Tutor, pretraining_examples, task_splits  # noqa: E402
+from megatron_s2l.data.tokenizer import TOKENIZER_FILE, Tokenizer, render_prompt, train_tokenizer  # noqa: E402
+from megatron_s2l.evaluation.passk_eval import evaluate, write_comparison  # noqa: E402
+from megatron_s2l.learner.hf_weights import save_hf_dir  # noqa: E402
+from megatron_s2l.learner.step import Learner  # noqa: E402
+from megatron_s2l.rollout.vllm_engine import VLLMEngine  # noqa: E402
 
 FAMILY_ROOT = Path("runs/demo_family")
 DONE, SPEC, PRETRAIN_LOG = "family.json", "spec.json", "pretrain.json"
@@ -187,8 +191,11 @@ def prepare_demo(cfg: S2LConfig, spec: FamilySpec | None = None, timeout_s: floa
     """
     spec = spec or FamilySpec(data=cfg.data)
     out = family_dir(spec)
-    if not (out / DONE).exists():
-        if int(os.environ.get("RANK", "0")) == 0:
+    if (out / DONE).exists():
+        console.say(f"demo family: {out} (cached; pass@k curves in {out / 'passk' / 'compare.md'})")
+    else:
+        console.say(f"demo family: building {out} (a tokenizer, two models and their pass@k curves; minutes, once)")
+        if console.is_first_rank():
             out.mkdir(parents=True, exist_ok=True)
             (out / SPEC).write_text(json.dumps(dataclasses.asdict(spec), indent=2))
             env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
@@ -216,10 +223,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Build the CPU demo's model family")
     parser.add_argument("--spec", type=Path, help="a FamilySpec as JSON (default: FamilySpec())")
     parser.add_argument("--out", type=Path, help="output directory (default: runs/demo_family/<settings hash>)")
+    console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     spec = FamilySpec.from_dict(json.loads(args.spec.read_text())) if args.spec else FamilySpec()
     print(build_family(spec, args.out or family_dir(spec)))
 
 
 if __name__ == "__main__":
-    run_main(main, "python -m megatron_s2l.demo")
+    console.run_main(main, "python -m megatron_s2l.demo")

@@ -21,6 +21,7 @@ from megatron_s2l.algo.reward_scorer import RewardScorer, reward_info_means
 from megatron_s2l.algo.allocation import explorer_usage
 from megatron_s2l.algo.rewards import MathScorer
 from megatron_s2l.config import S2LConfig
+from megatron_s2l.console import say
 from megatron_s2l.data.prompts import PromptStream, prompts_from_config
 from megatron_s2l.data.tokenizer import PromptTokenizer, load_tokenizer
 from megatron_s2l.evaluation.passk_eval import evaluate_prompts, passk_summary
@@ -64,12 +65,14 @@ def train(cfg: S2LConfig, rollout: RolloutHook | None = None) -> TrainResult:
     if held_out and start == 1:  # the baseline every later evaluation is read against
         result.initial_eval = evaluate_learner(cfg, rollout, held_out, tokenizer, eval_scorer, step=0)
         _log(writer, 0, result.initial_eval)
+        say(evaluation_line(cfg, 0, result.initial_eval, len(held_out)))
     bar = tqdm(range(start, cfg.train_steps + 1), desc="S2L-PO", initial=start - 1, total=cfg.train_steps,
                disable=not _is_first_rank())
     for step in bar:
         metrics = train_step(cfg, step, stream.next_batch(cfg.prompts_per_step), rollout, learner, tokenizer.pad_id)
         if held_out and step % cfg.logging.eval_interval == 0:
             metrics.update(evaluate_learner(cfg, rollout, held_out, tokenizer, eval_scorer, step))
+            say(evaluation_line(cfg, step, metrics, len(held_out)))
         result.history.append(metrics)
         result.last_step = step
         if step % cfg.logging.log_interval == 0:
@@ -210,6 +213,13 @@ def all_dropped_message(cfg: S2LConfig, step: int, metrics: dict[str, float]) ->
                            f"{cfg.data.max_prompt_length})")
     return (f"step {step}: every prompt of the phase was dropped, nothing to train on: "
             + ("; ".join(reasons) or "the rollout hook returned no groups") + ".")
+
+
+def evaluation_line(cfg: S2LConfig, step: int, metrics: dict[str, float], held_out: int) -> str:
+    """The console's line for one held-out evaluation."""
+    problems = min(held_out, cfg.logging.eval_max_problems or held_out)
+    return (f"evaluation at step {step}: held-out pass@1 {metrics['eval/pass@1']:.3f} "
+            f"({problems} problems x {cfg.logging.eval_samples} samples)")
 
 
 def _resume(cfg: S2LConfig, learner: Learner, stream: PromptStream) -> int:

@@ -17,8 +17,13 @@ from __future__ import annotations
 import typing
 from pathlib import Path
 
+from megatron_s2l import console
 from megatron_s2l.config import LayerSpec, ParallelConfig
-from megatron_s2l.learner import convert
+
+if __name__ == "__main__":  # before Megatron and vLLM are imported: their import-time notices are filtered
+    console.setup_from_argv()
+
+from megatron_s2l.learner import convert  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,10 +20,14 @@ import sys
 import typing
 from pathlib import Path
 
+from megatron_s2l import console
 from megatron_s2l.config import EngineConfig, EngineDType, OnBadPrompt, PromptTemplate, SamplingConfig
-from megatron_s2l.console import exit_with_error
-from megatron_s2l.evaluation.passk_eval import PRESETS, evaluate_model_dir, passk_table, sampling_preset, \
-    write_comparison
+
+if __name__ == "__main__":  # before Megatron and vLLM are imported: their import-time notices are filtered
+    console.setup_from_argv()
+
+from megatron_s2l.evaluation.passk_eval import (PRESETS, evaluate_model_dir, passk_table,  # noqa: E402
+                                               sampling_preset, write_comparison)
 
 CONVERTER = Path(__file__).resolve().parent / "convert_megatron_to_hf.py"
 
@@ -55,6 +59,7 @@ def parse_args(argv):
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--kv-cache-mb", type=int, default=256, help="CPU only: KV cache size")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    console.add_verbose_flag(p)
     return p.parse_args(argv)
 
 
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
                 sampling=sampling, engine=engine, template=args.template, max_prompt_length=args.max_prompt_length,
                 on_bad_prompt=args.on_bad_prompt, seed=args.seed, label=label, tokenizer_dir=args.tokenizer_dir)
     except (ValueError, FileNotFoundError, subprocess.CalledProcessError) as err:  # the inputs' refusals
-        exit_with_error("evaluate.py", err)
+        console.exit_with_error("evaluate.py", err)
     if args.compare:
         paths = write_comparison(results, args.out)
         print(f"wrote {paths['table']}, {paths['plot']}")

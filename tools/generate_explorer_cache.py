@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from megatron_s2l import console
 from megatron_s2l.config import S2LConfig
-from megatron_s2l.console import exit_with_error
 from megatron_s2l.rollout.checks import check_config
 from megatron_s2l.types import Prompt
 
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", help="tokenizer directory (default: explorer.hf_path)")
     parser.add_argument("--eos-token-id", type=int, help="stop token (default: the tokenizer's eos)")
     parser.add_argument("--no-reward", action="store_true", help="store reward=null (no tokenizer needed)")
+    console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     try:
         cfg, problems = S2LConfig.parse_yaml(args.config, args.overrides)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         # Values only: this tool needs no learner, and the explorer's directory is checked as its engine starts.
         stats = generate(check_config(cfg, problems, check_files=False), args)
     except (ValueError, FileNotFoundError) as err:  # ConfigError included; prompt files name file:line
-        exit_with_error("generate_explorer_cache.py", err)
+        console.exit_with_error("generate_explorer_cache.py", err)
     print(f"{args.out}: {stats['written']} prompts written, {stats['skipped']} already complete, "
           f"{stats['dropped']} dropped (too long) of {stats['prompts']}")
 
@@ -96,4 +97,5 @@ def generate(cfg: S2LConfig, args: argparse.Namespace) -> dict[str, int]:
 
 
 if __name__ == "__main__":
+    console.setup_from_argv()  # before vLLM is imported (in generate)
     main()

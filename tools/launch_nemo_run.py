@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from megatron_s2l.console import run_main
+from megatron_s2l import console
 from megatron_s2l.launch import nemo_run as launch
 
 
@@ -36,6 +36,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         p.add_argument("--name", default="s2l-po", help="experiment name")
         p.add_argument("--base-dir", help="NeMo-Run experiment directory (default: NeMo-Run's home)")
         p.add_argument("--detach", action="store_true", help="return once the job is submitted")
+        console.add_verbose_flag(p)
     local = sub.choices["local"]
     local.add_argument("--nproc-per-node", type=int, required=True, help="ranks on this machine")
     slurm = sub.choices["slurm"]
@@ -76,4 +77,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":  # the launcher's refusals (ValueError) name the option and the fix
-    run_main(main, "launch_nemo_run.py", user_errors=(ValueError,))
+    console.setup_from_argv()
+    console.run_main(main, "launch_nemo_run.py", user_errors=(ValueError,))

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megatron_s2l.config import ConfigError, LayerSpec, ModelConfig, ParallelConfig
-from megatron_s2l.console import exit_with_error
+from megatron_s2l.console import add_verbose_flag, exit_with_error
 from megatron_s2l.learner.checkpoint import checkpoint_dir, latest_step, load_checkpoint, save_checkpoint
 from megatron_s2l.learner.hf_config import model_config_from_hf
 from megatron_s2l.learner.hf_mapping import EMBEDDING, padded_vocab_size
@@ -179,6 +179,7 @@ def cli_parser(prog: str, doc: str, *, layout_help: str) -> argparse.ArgumentPar
     parser.add_argument("--backend", choices=["native", "bridge"], default="native",
                         help="native: megatron-s2l's Qwen3/Llama mapping; bridge: Megatron-Bridge's AutoBridge "
                              "(GPU clusters, Bridge's own checkpoint layout)")
+    add_verbose_flag(parser)
     return parser
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_s2l import console
 from megatron_s2l.config import EngineConfig, SamplingConfig
 from megatron_s2l.rollout.checks import check_hf_checkpoint
 from megatron_s2l.rollout.engine import counts_per_prompt, prompt_seed, sampling_record
@@ -161,7 +162,7 @@ class VLLMEngine:
         kwargs = dict(model=hf_path, skip_tokenizer_init=True, tensor_parallel_size=self.cfg.tensor_parallel_size,
                       dtype=self.cfg.dtype, seed=self.cfg.seed, max_model_len=self.cfg.max_model_len,
                       enforce_eager=self.cfg.enforce_eager, logprobs_mode=self.cfg.logprobs_mode,
-                      worker_extension_cls=_EXTENSION,
+                      worker_extension_cls=_EXTENSION, use_tqdm_on_load=console.verbose(),
                       distributed_executor_backend=self._executor)
         if torch.cuda.is_available():
             kwargs.update(gpu_memory_utilization=self.cfg.gpu_memory_utilization,
@@ -170,7 +171,7 @@ class VLLMEngine:
             # Chunked prefill discards the token sampled for a half-prefilled request by rewinding its
             # seeded generator, which CPU generators cannot do ("CPU Generator does not use offset").
             kwargs.update(kv_cache_memory_bytes=self.cfg.kv_cache_memory_bytes, enable_chunked_prefill=False)
-        with _trainer_rng_preserved():
+        with _trainer_rng_preserved(), console.native_stderr_filtered():
             return LLM(**kwargs)
 
     def max_prompt_len(self, sampling: SamplingConfig) -> int:

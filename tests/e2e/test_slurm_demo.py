@@ -83,7 +83,7 @@ def test_sbatch_runs_the_demo_entry_and_a_requeue_resumes(tiny_family, tmp_path)
     first_log = (run / "logs" / "s2l-po-4242-node0-restart0.log").read_text()
     second_log = (run / "logs" / "s2l-po-4242-node0-restart1.log").read_text()
     assert "S2L-PO" in first_log and "trained" not in first_log  # preempted before it finished
-    assert "trained 2 steps" in second_log
+    assert "trained steps 2-2: training reward" in second_log
     calls = srun_calls(tmp_path)
     assert len(calls) == 2 and all(f"{ROOT}/examples/pretrain_s2l.py --config {settings['S2L_CONFIG']} --save "
                                    f"{checkpoints} --load {checkpoints}" in call for call in calls)

@@ -14,10 +14,10 @@ ALLOWED = {
     "console": {"config"},
     "algo": {"config", "types"},
     "learner": {"config", "types", "console", "algo"},
-    "rollout": {"config", "types", "algo"},
+    "rollout": {"config", "types", "console", "algo"},
     "data": {"config", "types", "algo"},
     "evaluation": {"config", "types", "algo", "data", "rollout"},
-    "loop": {"config", "types", "algo", "learner", "rollout", "data", "evaluation"},
+    "loop": {"config", "types", "console", "algo", "learner", "rollout", "data", "evaluation"},
     "demo": {"config", "types", "console", "algo", "learner", "rollout", "data", "evaluation", "loop"},
     "launch": {"config", "console"},
 }
