@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 TRANSPORTS = ("direct", "bytes", "cuda_ipc")
+STORAGE_DEVICE_ARG = 6  # position of `storage_device` in torch's rebuild_cuda_tensor arguments (an internal)
 
 
 def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]],
@@ -71,7 +72,7 @@ def decode_bucket(payload, device: torch.device) -> list[tuple[str, torch.Tensor
     assert kind == "cuda_ipc", kind
     _, meta, (rebuild, args) = payload
     args = list(args)
-    args[6] = device.index if device.index is not None else torch.cuda.current_device()  # this worker's GPU
+    args[STORAGE_DEVICE_ARG] = device.index if device.index is not None else torch.cuda.current_device()  # this GPU
     flat = rebuild(*args)  # [bytes], shared with the sender until the RPC returns
     tensors, offset = [], 0
     for name, dtype, shape in meta:
