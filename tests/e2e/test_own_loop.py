@@ -103,7 +103,7 @@ def _train_with_own_hook(rank: int, world_size: int, config_path: str):
 
 
 def test_train_with_a_hook_of_ones_own_and_evaluation_on(tiny_family, tmp_path):
-    from megatron_s2l.learner.hf_weights import read_hf_state
+    from megatron_s2l.learner.safetensors_io import read_hf_state
 
     cfg = tiny_config(tiny_family, train_steps=2, explorer={"source": "none"}, loss={"kl_coef": 0.0},
                       logging={"eval_interval": 1, "eval_samples": 2, "eval_max_problems": 3})

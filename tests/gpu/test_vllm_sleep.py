@@ -59,7 +59,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_learner_engine_releases_all_and_comes_back_weights_first(checkpoint):
-    from megatron_s2l.learner.hf_weights import read_hf_state
+    from megatron_s2l.learner.safetensors_io import read_hf_state
 
     engine, reserved = start_engine(checkpoint, "learner")
     state = read_hf_state(checkpoint)
