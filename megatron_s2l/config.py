@@ -63,6 +63,7 @@ OnBadPrompt = Literal["error", "drop"]
 PromptTemplate = Literal["chat", "qwen3-base", "qwen3-base-nothink", "raw"]
 EngineDType = Literal["auto", "float32", "bfloat16", "float16"]
 LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
+OnRewardError = Literal["raise", "zero"]
 
 
 @dataclass
@@ -205,9 +206,52 @@ class AdvantageConfig:
     norm: AdvantageNorm = "std"  # std: GRPO; none: Dr.GRPO (mean-centred only)
     eps: float = 1e-6
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
+    filter_truncated: bool = False  # DAPO overlong filtering: responses cut at max_new_tokens (finish_reason
+    # "length") get no loss; they still count in their group's advantages
 
     def validate(self, at: str) -> list[str]:
         return [] if self.eps > 0 else [f"{at}.eps={self.eps}: must be > 0"]
+
+
+@dataclass
+class RewardConfig:
+    """How samples are scored (`algo.reward_scorer`; a reward function's signature: `algo/reward_pool.py`)."""
+
+    # math: the built-in check (the last \boxed{} against the ground truth, math-verify when needed); or your
+    # function, "package.module:function" or "path/to/file.py:function", called by keyword with the arguments it
+    # names of response (or solution_str), ground_truth, data_source, prompt, extra (the row's other fields),
+    # extra_info (verl's), returning a number or {"score": number, ...more numbers, logged as reward_info/<name>}
+    function: str = "math"
+    by_data_source: dict = field(default_factory=dict)  # data_source -> function (as `function`) for rows of
+    # that source; other rows use `function`
+    timeout_s: float = 5.0  # per reward call; a math check past it scores 0 (counted: reward_info/timed_out)
+    workers: int = 0  # reward calls run at once, each in its own process; 0: min(4, CPUs)
+    on_error: OnRewardError = "raise"  # your function raises, runs past timeout_s or returns no number: raise
+    # stops the step with the prompt id and traceback; zero scores the sample 0 (reward_info/failed, timed_out)
+    overlong_buffer: int = 0  # DAPO soft overlong penalty: a response in the last overlong_buffer tokens before
+    # max_new_tokens loses up to overlong_penalty_factor, linearly in its length; 0: off
+    overlong_penalty_factor: float = 1.0
+
+    def validate(self, at: str) -> list[str]:
+        errors = []
+        specs = {f"{at}.function": self.function}
+        if not isinstance(self.by_data_source, dict):
+            errors.append(f"{at}.by_data_source={self.by_data_source!r}: must be a mapping data_source -> function")
+        else:
+            specs.update({f"{at}.by_data_source.{source}": spec for source, spec in self.by_data_source.items()})
+        for where, spec in specs.items():
+            target, _, name = spec.rpartition(":") if isinstance(spec, str) else ("", "", "")
+            if spec != "math" and not (target and name):
+                errors.append(f"{where}={spec!r}: must be 'math' (built-in), 'package.module:function' or "
+                              f"'path/to/file.py:function'")
+        if self.timeout_s <= 0:
+            errors.append(f"{at}.timeout_s={self.timeout_s}: must be > 0 (seconds per reward call)")
+        if self.workers < 0:
+            errors.append(f"{at}.workers={self.workers}: must be >= 0 (0: sized to the machine)")
+        if self.overlong_buffer < 0 or self.overlong_penalty_factor < 0:
+            errors.append(f"{at}.overlong_buffer={self.overlong_buffer}, overlong_penalty_factor="
+                          f"{self.overlong_penalty_factor}: both must be >= 0 (overlong_buffer=0: no penalty)")
+        return errors
 
 
 @dataclass
@@ -379,6 +423,7 @@ class S2LConfig:
     explorer: ExplorerConfig = field(default_factory=ExplorerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
@@ -392,6 +437,12 @@ class S2LConfig:
         errors += _positive(self, "", "train_steps", "prompts_per_step")
         if self.seed < 0:  # seeds numpy's generators (PPO epoch order), which take only non-negative seeds
             errors.append(f"seed={self.seed}: must be >= 0")
+        limits = {"learner_sampling": self.learner_sampling.max_new_tokens}
+        if self.explorer.source != "none":
+            limits["explorer.sampling"] = self.explorer.sampling.max_new_tokens
+        errors += [f"reward.overlong_buffer={self.reward.overlong_buffer}: must be below {at}.max_new_tokens={limit} "
+                   f"(the penalty covers the last overlong_buffer tokens before it)"
+                   for at, limit in limits.items() if self.reward.overlong_buffer >= limit]
         if self.optim.mini_batch_prompts > 0 and self.prompts_per_step % self.optim.mini_batch_prompts:
             errors.append(f"optim.mini_batch_prompts={self.optim.mini_batch_prompts}: must divide "
                           f"prompts_per_step={self.prompts_per_step}")

@@ -17,9 +17,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_s2l.algo.advantages import dynamic_sampling_mask, group_advantages, source_means
-from megatron_s2l.algo.reward_scorer import RewardScorer, reward_info_means
 from megatron_s2l.algo.allocation import explorer_usage
-from megatron_s2l.algo.rewards import MathScorer
+from megatron_s2l.algo.overlong import overlong
+from megatron_s2l.algo.reward_scorer import RewardScorer, reward_info_means
 from megatron_s2l.config import S2LConfig
 from megatron_s2l.console import say
 from megatron_s2l.data.prompts import PromptStream, prompts_from_config
@@ -33,7 +33,7 @@ from megatron_s2l.learner.step import Learner
 from megatron_s2l.rollout.checks import check_config
 from megatron_s2l.rollout.colocation import Colocation
 from megatron_s2l.rollout.explorer_cache import ExplorerCache
-from megatron_s2l.rollout.mixer import S2LMixer
+from megatron_s2l.rollout.mixer import S2LMixer, Scorer
 from megatron_s2l.rollout.phase import RolloutHook, RolloutPhase
 from megatron_s2l.rollout.vllm_engine import VLLMEngine
 from megatron_s2l.types import Prompt, TrainBatch
@@ -52,18 +52,18 @@ def train(cfg: S2LConfig, rollout: RolloutHook | None = None) -> TrainResult:
     """Run S2L-PO per `cfg`; `rollout` replaces the default rollout phase (online/offline explorer + vLLM learner)."""
     cfg = resolve_models(check_config(cfg))
     tokenizer = load_tokenizer(cfg.learner.hf_path)
+    scorer = reward_scorer(cfg, tokenizer)
     stream = PromptStream(prompts_from_config(cfg.data, tokenizer, "train").prompts, seed=cfg.data.seed)
     learner = build_learner(cfg)
     start = _resume(cfg, learner, stream)
-    rollout = rollout or build_rollout_phase(cfg, tokenizer)
+    rollout = rollout or build_rollout_phase(cfg, tokenizer, scorer)
     if start > 1:  # the engine was started from the initial weights
         rollout.sync_weights(export_hf_weights(learner.model_chunks, cfg.learner), changed=True)
     held_out = prompts_from_config(cfg.data, tokenizer, "eval").prompts if cfg.logging.eval_interval else []
-    eval_scorer = MathScorer() if held_out else None  # one verifier worker for every evaluation of the run
     writer = _tensorboard(cfg)
     result = TrainResult(last_step=start - 1)
     if held_out and start == 1:  # the baseline every later evaluation is read against
-        result.initial_eval = evaluate_learner(cfg, rollout, held_out, tokenizer, eval_scorer, step=0)
+        result.initial_eval = evaluate_learner(cfg, rollout, held_out, tokenizer, scorer, step=0)
         _log(writer, 0, result.initial_eval)
         say(evaluation_line(cfg, 0, result.initial_eval, len(held_out)))
     bar = tqdm(range(start, cfg.train_steps + 1), desc="S2L-PO", initial=start - 1, total=cfg.train_steps,
@@ -71,7 +71,7 @@ def train(cfg: S2LConfig, rollout: RolloutHook | None = None) -> TrainResult:
     for step in bar:
         metrics = train_step(cfg, step, stream.next_batch(cfg.prompts_per_step), rollout, learner, tokenizer.pad_id)
         if held_out and step % cfg.logging.eval_interval == 0:
-            metrics.update(evaluate_learner(cfg, rollout, held_out, tokenizer, eval_scorer, step))
+            metrics.update(evaluate_learner(cfg, rollout, held_out, tokenizer, scorer, step))
             say(evaluation_line(cfg, step, metrics, len(held_out)))
         result.history.append(metrics)
         result.last_step = step
@@ -128,19 +128,33 @@ def train_step(cfg: S2LConfig, step: int, prompts: list[Prompt], rollout: Rollou
 
 
 def with_advantages(batch: TrainBatch, cfg: S2LConfig) -> tuple[TrainBatch, dict[str, float]]:
-    """Group-relative advantages; with DAPO dynamic sampling, groups of equal rewards are dropped."""
+    """Group-relative advantages of the rewards (with DAPO's soft overlong penalty when on); DAPO dynamic
+    sampling drops groups of equal rewards, overlong filtering drops truncated responses."""
+    metrics = {"reward/mean": float(batch.rewards.mean()),
+               "rollout/truncated_fraction": float(batch.truncated.float().mean())}
+    metrics.update({f"reward/{k}": float(v) for k, v in source_means(batch.rewards, batch.is_explorer).items()})
+    max_lengths = torch.where(batch.is_explorer, cfg.explorer.sampling.max_new_tokens,
+                              cfg.learner_sampling.max_new_tokens)  # [B]
+    shaped = overlong(batch.rewards, batch.response_mask.sum(1), max_lengths, batch.truncated,
+                      buffer=cfg.reward.overlong_buffer, factor=cfg.reward.overlong_penalty_factor,
+                      filter_truncated=cfg.advantage.filter_truncated)
+    batch.rewards = shaped.rewards  # [B]
+    if cfg.reward.overlong_buffer:
+        metrics["reward/overlong_penalty"] = float(shaped.penalty.mean())
     result = group_advantages(batch.rewards, batch.group_index, norm=cfg.advantage.norm, eps=cfg.advantage.eps)
     batch.advantages = result.advantages  # [B]
-    metrics = {"reward/mean": float(batch.rewards.mean()), "advantage/zero_variance_groups": result.zero_variance_groups}
-    metrics.update({f"reward/{k}": float(v) for k, v in source_means(batch.rewards, batch.is_explorer).items()})
+    metrics["advantage/zero_variance_groups"] = result.zero_variance_groups
     metrics.update({f"advantage/{k}": float(v) for k, v in source_means(batch.advantages, batch.is_explorer).items()})
     share, groups_with_explorer = explorer_usage(batch.is_explorer, batch.group_index)
     metrics |= {"rollout/explorer_share": share, "rollout/prompts_with_explorer": groups_with_explorer}
+    keep = shaped.keep  # [B]
     if cfg.advantage.dynamic_sampling:
-        keep = dynamic_sampling_mask(batch.rewards, batch.group_index)  # [B]
-        metrics["advantage/dropped_samples"] = int((~keep).sum())
-        batch = batch.select(keep)
-    return batch, metrics
+        varied = dynamic_sampling_mask(batch.rewards, batch.group_index)  # [B] groups whose rewards differ
+        metrics["advantage/dropped_samples"] = int((~varied).sum())
+        keep = keep & varied
+    if cfg.advantage.filter_truncated:
+        metrics["advantage/filtered_truncated"] = int((~shaped.keep).sum())
+    return (batch if keep.all() else batch.select(keep)), metrics
 
 
 def resolve_models(cfg: S2LConfig) -> S2LConfig:
@@ -161,8 +175,9 @@ def build_learner(cfg: S2LConfig) -> Learner:
     return learner
 
 
-def build_rollout_phase(cfg: S2LConfig, tokenizer: PromptTokenizer) -> RolloutPhase:
-    """The default hook: the learner's vLLM engine (refit after every update) and the explorer, online or cached."""
+def build_rollout_phase(cfg: S2LConfig, tokenizer: PromptTokenizer, scorer: Scorer | None = None) -> RolloutPhase:
+    """The default hook: the learner's vLLM engine (refit after every update), the explorer, online or cached,
+    and `scorer` (default: the one the `reward` section describes)."""
     learner_engine = VLLMEngine(cfg.learner.hf_path, cfg.learner_engine, source="learner", model_id="learner",
                                 eos_token_id=tokenizer.eos_id)
     explorer = None
@@ -172,13 +187,21 @@ def build_rollout_phase(cfg: S2LConfig, tokenizer: PromptTokenizer) -> RolloutPh
     elif cfg.explorer.source == "offline":
         explorer = ExplorerCache(cfg.explorer.cache_path, seed=cfg.seed)
     mixer = S2LMixer(cfg.schedule, explorer=explorer, learner=learner_engine, explorer_sampling=cfg.explorer.sampling,
-                     learner_sampling=cfg.learner_sampling, scorer=RewardScorer(tokenizer.decode), seed=cfg.seed)
+                     learner_sampling=cfg.learner_sampling, scorer=scorer or reward_scorer(cfg, tokenizer),
+                     seed=cfg.seed)
     colocation = Colocation(learner_engine, explorer if cfg.explorer.source == "online" else None)
     return RolloutPhase(mixer, colocation, engine_tp=cfg.learner_engine.tensor_parallel_size)
 
 
+def reward_scorer(cfg: S2LConfig, tokenizer: PromptTokenizer) -> RewardScorer:
+    """The scorer the `reward` section describes."""
+    r = cfg.reward
+    return RewardScorer(tokenizer.decode, function=r.function, by_data_source=r.by_data_source, timeout_s=r.timeout_s,
+                        workers=r.workers or None, on_error=r.on_error)
+
+
 def evaluate_learner(cfg: S2LConfig, rollout: RolloutHook, prompts: list[Prompt], tokenizer: PromptTokenizer,
-                     scorer: MathScorer, step: int) -> dict[str, float]:
+                     scorer: Scorer, step: int) -> dict[str, float]:
     """pass@1..k of the learner's engine on the held-out prompts (`logging.eval_*`)."""
     if cfg.logging.eval_max_problems:
         prompts = prompts[:cfg.logging.eval_max_problems]

@@ -23,8 +23,9 @@ class Prompt:
     prompt_id: str
     prompt_ids: list[int]
     ground_truth: str
-    text: str = ""  # the prompt as text, after the template (for logs and caches)
+    text: str = ""  # the prompt as text, after the template (for logs, caches and reward functions)
     data_source: str = ""
+    extra: dict = field(default_factory=dict)  # the data row's other fields, as the file has them (rewards see them)
 
 
 @dataclass
@@ -77,6 +78,7 @@ class TrainBatch:
     is_explorer: torch.Tensor  # [B] bool
     group_index: torch.Tensor  # [B] long, the group whose rewards each sample is compared with
     rewards: torch.Tensor  # [B] float32
+    truncated: Optional[torch.Tensor] = None  # [B] bool, the response hit max_new_tokens (finish_reason "length")
     advantages: Optional[torch.Tensor] = None  # [B] float32
     old_logprobs: Optional[torch.Tensor] = None  # [B, L-1] float32, the learner before this step's updates
     ref_logprobs: Optional[torch.Tensor] = None  # [B, L-1] float32, the frozen reference (KL)
@@ -110,4 +112,5 @@ class TrainBatch:
         return cls(tokens=tokens, response_mask=mask, behaviour_logprobs=behaviour,
                    is_explorer=torch.tensor([s.source == "explorer" for _, s in samples]),
                    group_index=torch.tensor([g for g, _ in samples]),
-                   rewards=torch.tensor([float(s.reward) for _, s in samples]))
+                   rewards=torch.tensor([float(s.reward) for _, s in samples]),
+                   truncated=torch.tensor([s.finish_reason == "length" for _, s in samples]))

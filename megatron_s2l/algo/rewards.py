@@ -5,30 +5,24 @@ short numbers, so a cheap exact comparison decides them in microseconds: equal n
 or two plain numbers (integers, decimals, a/b) with the same exact value, score 1; two different
 integers score 0. Everything else (LaTeX, expressions, sets, decimals against fractions, responses
 without a box) goes to math-verify, whose parsing (sympy) can take unbounded time on pathological
-input. Its checks therefore run in a worker subprocess with a hard deadline: on timeout the worker is
-killed and replaced, the answer scores 0 and the timeout is counted. A subprocess (not a thread or
-SIGALRM) works from any thread and in any host process, and it needs no `__main__` guard.
+input. Its checks therefore run in the worker processes of `algo.reward_pool`, several at a time,
+each under a hard deadline: an answer whose check runs out of time scores 0 and the time-out is
+counted.
 """
 
 from __future__ import annotations
 
-import ctypes
-import json
-import os
 import re
-import select
-import signal
-import subprocess
-import sys
 import threading
 from fractions import Fraction
-from pathlib import Path
 from typing import NamedTuple, Optional
+
+from megatron_s2l.algo.reward_pool import FunctionPool, default_workers
 
 _NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)")
 _FRACTION = re.compile(r"[-+]?\d+/\d+")
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(,\d{3})+(\.\d*)?")
-_STARTUP_TIMEOUT_S = 120.0  # generous: CI machines are shared
+MATH_VERIFY = "megatron_s2l.algo.math_verify_check:equivalent"  # the worker-side check, as a function spec
 # Wrappers that never change an answer's value: math mode, \left/\right, thin spaces, whitespace.
 _NOISE = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\ |\$|\s")
 
@@ -83,6 +77,12 @@ def quick_match(answer: str, ground_truth: str) -> Optional[bool]:
     return False if va.denominator == 1 == vg.denominator and "." not in a + g and "/" not in a + g else None
 
 
+def quick_verdict(response: str, ground_truth: str) -> Optional[bool]:
+    """`quick_match` of the response's last box against the ground truth; None: math-verify must decide."""
+    boxed = last_boxed(response)
+    return None if boxed is None else quick_match(boxed, ground_truth)
+
+
 class ScoreResult(NamedTuple):
     """Scores (1.0/0.0) in input order and how many verifications hit the time limit (scored 0)."""
 
@@ -91,18 +91,14 @@ class ScoreResult(NamedTuple):
 
 
 class MathScorer:
-    """Scores math answers; math-verify runs in one lazily started worker process with a deadline.
+    """Scores math answers; math-verify runs in a pool of `workers` processes, each check under `timeout_s`.
 
-    Thread-safe (one verification at a time goes to the worker). Call `close()` to stop the worker;
-    it also stops with the host process.
+    Thread-safe. Call `close()` to stop the workers; they also stop with the host process.
     """
 
-    def __init__(self, timeout_s: float = 5.0):
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s={timeout_s}: must be > 0 (seconds per math-verify check)")
-        self.timeout_s = timeout_s
-        self._worker: Optional[subprocess.Popen] = None
-        self._lock = threading.Lock()
+    def __init__(self, timeout_s: float = 5.0, workers: Optional[int] = None):
+        """`workers`: checks run at once (default `reward_pool.default_workers()`)."""
+        self.pool = FunctionPool(timeout_s=timeout_s, workers=workers or default_workers())
 
     def score(self, responses: list[str], ground_truths: list[str]) -> ScoreResult:
         """Score each response against its ground truth (same length lists)."""
@@ -114,93 +110,21 @@ class MathScorer:
         if len(responses) != len(ground_truths):
             raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths: pass one "
                              f"ground truth per response")
-        verdicts = []
-        for response, truth in zip(responses, ground_truths):
-            boxed = last_boxed(response)
-            decided = None if boxed is None else quick_match(boxed, truth)
-            verdicts.append(self._verify(response, truth) if decided is None else decided)
+        verdicts = [quick_verdict(r, g) for r, g in zip(responses, ground_truths)]
+        undecided = [i for i, v in enumerate(verdicts) if v is None]
+        outcomes = self.pool.run([(MATH_VERIFY, {"response": responses[i], "ground_truth": ground_truths[i]})
+                                  for i in undecided])
+        for i, outcome in zip(undecided, outcomes):
+            if outcome.error is not None:
+                raise RuntimeError(f"the math-verify check failed: {outcome.error}")
+            verdicts[i] = None if outcome.timed_out else bool(outcome.value)
         return verdicts
 
-    def _verify(self, response: str, ground_truth: str) -> Optional[bool]:
-        """math-verify's verdict, or None when it did not answer within the deadline."""
-        with self._lock:
-            if self._worker is None or self._worker.poll() is not None:
-                self._worker = _start_worker()
-            worker = self._worker
-            worker.stdin.write(json.dumps([response, ground_truth]) + "\n")
-            worker.stdin.flush()
-            if not select.select([worker.stdout], [], [], self.timeout_s)[0]:
-                self._stop(worker)  # a check that outlives its deadline takes the worker with it
-                return None
-            line = worker.stdout.readline()
-            if not line:
-                self._stop(worker)
-                raise RuntimeError(f"the math-verify worker exited (code {worker.returncode}); its error is "
-                                   f"on stderr above")
-            return json.loads(line)
-
-    def _stop(self, worker: subprocess.Popen) -> None:
-        worker.kill()
-        worker.wait()
-        self._worker = None
-
     def close(self) -> None:
-        """Stop the worker process, if one is running."""
-        with self._lock:
-            if self._worker is not None:
-                self._stop(self._worker)
-
-    def __del__(self):
-        worker = getattr(self, "_worker", None)  # absent when __init__ raised
-        if worker is not None and worker.poll() is None:
-            worker.kill()
+        """Stop the worker processes."""
+        self.pool.close()
 
 
-def _die_with_parent() -> None:
-    """Linux: the worker is killed when its parent dies, even by SIGKILL (a forked sibling may still hold
-    the worker's stdin open, so end-of-input alone would not stop it)."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _start_worker() -> subprocess.Popen:
-    root = str(Path(__file__).resolve().parents[2])  # the directory holding the megatron_s2l package
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-               OMP_NUM_THREADS="1")
-    worker = subprocess.Popen([sys.executable, "-m", "megatron_s2l.algo.rewards"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, bufsize=1, env=env, preexec_fn=_die_with_parent)
-    # Importing math-verify (sympy) takes about a second: wait for it here, outside any check's deadline.
-    ready = select.select([worker.stdout], [], [], _STARTUP_TIMEOUT_S)[0] and worker.stdout.readline()
-    if ready != "ready\n":
-        worker.kill()
-        worker.wait()
-        raise RuntimeError(f"the math-verify worker did not start within {_STARTUP_TIMEOUT_S} s (exit code "
-                           f"{worker.returncode}); is math-verify installed? Its error is on stderr above")
-    return worker
-
-
-def _serve() -> None:
-    """Worker loop: read [response, ground_truth] JSON lines, write math-verify's verdict per line."""
-    import logging
-
-    from math_verify import parse, verify
-
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns that we disabled its timeout
-    sys.stdout.write("ready\n")
-    sys.stdout.flush()
-    for line in sys.stdin:
-        response, truth = json.loads(line)
-        try:
-            # Its own SIGALRM timeouts are off: the parent enforces the deadline by killing this process.
-            gold = parse(f"\\boxed{{{truth}}}", parsing_timeout=None)
-            verdict = bool(verify(gold, parse(response, parsing_timeout=None), timeout_seconds=None))
-        except Exception:  # malformed LaTeX is a wrong answer, not a crash
-            verdict = False
-        sys.stdout.write(json.dumps(verdict) + "\n")
-        sys.stdout.flush()
-
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _DEFAULT: dict[float, MathScorer] = {}  # one shared scorer per timeout, for math_reward
 _DEFAULT_LOCK = threading.Lock()
 
@@ -215,7 +139,3 @@ def math_reward(response: str, ground_truth: str, *, timeout_s: float = 5.0) -> 
         if timeout_s not in _DEFAULT:
             _DEFAULT[timeout_s] = MathScorer(timeout_s)
     return _DEFAULT[timeout_s].score([response], [ground_truth]).scores[0]
-
-
-if __name__ == "__main__":
-    _serve()

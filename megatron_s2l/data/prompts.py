@@ -5,7 +5,9 @@ Two formats, one row schema:
     {role, content}, `reward_model.ground_truth` the answer, `data_source` the benchmark name;
   - JSONL, one object per line: `prompt` (a string or a chat list) or `question`, and `answer`,
     `ground_truth` or `reward_model.ground_truth` (a string or a number).
-An optional `prompt_id` (or `id`) names a row; otherwise it is `<file stem>-<line or row>`.
+An optional `prompt_id` (or `id`) names a row; otherwise it is `<file stem>-<line or row>`. The
+row's other fields (the answer's among them, `extra_info`, anything a reward function needs) are kept
+as the file has them in `Prompt.extra`.
 
 Every row is checked: malformed JSON, a row that is not an object, missing or empty prompt or answer,
 undecodable bytes, a duplicate id, and prompts longer than `max_prompt_length` tokens (after the
@@ -30,6 +32,8 @@ from megatron_s2l.data.tokenizer import PromptTokenizer, render_prompt
 from megatron_s2l.types import Prompt
 
 ON_BAD_PROMPT = ("error", "drop")
+# Fields a Prompt holds in its own attributes; the others travel in Prompt.extra to reward functions.
+_ROW_FIELDS = ("prompt", "question", "prompt_id", "id", "data_source")
 
 
 class PromptFileError(ConfigError):
@@ -137,7 +141,8 @@ def _prompt_from_row(row: Any, default_id: str, tokenizer: PromptTokenizer, temp
     if not isinstance(data_source, str):
         raise _BadRow(f"data_source must be a string, got {data_source!r}")
     return Prompt(prompt_id=default_id if prompt_id in (None, "") else str(prompt_id), prompt_ids=prompt_ids,
-                  ground_truth=ground_truth, text=text, data_source=data_source)
+                  ground_truth=ground_truth, text=text, data_source=data_source,
+                  extra={k: v for k, v in row.items() if k not in _ROW_FIELDS})
 
 
 def _messages(row: dict) -> list[dict]:

@@ -4,9 +4,10 @@
                                  sampling=sampling_preset("nothink", max_new_tokens=64), engine=EngineConfig())
     write_comparison({"explorer": explorer_results, "learner": results}, "eval/")
 
-Each problem gets k samples from a `RolloutEngine` (vLLM for model directories), each sample is scored
-by `algo.rewards.MathScorer` (the reward GRPO trains on), and pass@1..pass@k are the means over problems
-of the unbiased estimator (`algo.passk`). Samples are drawn with a fixed seed per problem, so the
+Each problem gets k samples from a `RolloutEngine` (vLLM for model directories), the samples are scored
+by a `Scorer` (the reward GRPO trains on; by default the built-in math check of `algo.reward_scorer`), a
+sample with a positive reward counts as correct, and pass@1..pass@k are the means over problems of the
+unbiased estimator (`algo.passk`). Samples are drawn with a fixed seed per problem, so the
 numbers do not depend on batching or on interruptions.
 
 An output directory holds
@@ -30,11 +31,12 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 from megatron_s2l.algo.passk import pass_at_k_curve
-from megatron_s2l.algo.rewards import MathScorer
+from megatron_s2l.algo.reward_scorer import RewardScorer
 from megatron_s2l.config import EngineConfig, SamplingConfig
 from megatron_s2l.data.prompts import load_prompts
 from megatron_s2l.data.tokenizer import load_tokenizer
 from megatron_s2l.rollout.engine import RolloutEngine
+from megatron_s2l.rollout.mixer import Scorer
 from megatron_s2l.types import Prompt
 
 # Sampling presets (max_new_tokens is set per run). nothink: the paper's evaluation setting (Qwen3's
@@ -76,22 +78,23 @@ def report_ks(k: int) -> list[int]:
 
 
 def evaluate_prompts(engine: RolloutEngine, prompts: list[Prompt], *, k: int, sampling: SamplingConfig,
-                     decode: Callable[[list[int]], str], scorer: MathScorer, seed: int,
+                     decode: Callable[[list[int]], str], scorer: Scorer, seed: int,
                      benchmark: str = "eval") -> list[ProblemResult]:
-    """Draw k samples per prompt from `engine` (seeded per prompt) and verify each response."""
+    """Draw k samples per prompt from `engine` (seeded per prompt) and score them all in one `scorer` call."""
     groups = engine.generate(prompts, k, sampling, seed=seed)
-    results = []
     for prompt, samples in zip(prompts, groups):
         if len(samples) != k:
             raise ValueError(f"{benchmark}: prompt {prompt.prompt_id!r} got {len(samples)} samples instead of "
                              f"k={k} (the engine dropped it: is it longer than max_model_len - max_new_tokens? "
                              f"raise the engine's max_model_len)")
-        responses = [decode(s.response_ids) for s in samples]
-        scored = scorer.score(responses, [prompt.ground_truth] * k)
+    rewards = scorer.score([p for p in prompts for _ in range(k)], [s for samples in groups for s in samples])
+    results = []
+    for i, (prompt, samples) in enumerate(zip(prompts, groups)):
         results.append(ProblemResult(benchmark=benchmark, prompt_id=prompt.prompt_id,
-                                     ground_truth=prompt.ground_truth, rewards=scored.scores, responses=responses,
+                                     ground_truth=prompt.ground_truth, rewards=rewards[i * k:(i + 1) * k],
+                                     responses=[decode(s.response_ids) for s in samples],
                                      finish_reasons=[s.finish_reason for s in samples],
-                                     verify_timeouts=scored.timeouts))
+                                     verify_timeouts=int(sum(s.reward_info.get("timed_out", 0) for s in samples))))
     return results
 
 
@@ -108,7 +111,7 @@ def passk_summary(results: list[ProblemResult], k: int) -> dict:
 
 def evaluate(engine: RolloutEngine, benchmarks: Mapping[str, list[Prompt]], out_dir: str | Path, *, k: int,
              sampling: SamplingConfig, decode: Callable[[list[int]], str], settings: dict, seed: int = 0,
-             chunk_size: int = 64, scorer: Optional[MathScorer] = None) -> dict:
+             chunk_size: int = 64, scorer: Optional[Scorer] = None) -> dict:
     """Evaluate every benchmark's prompts with `engine` into `out_dir` (resumable) and write the reports.
 
     `settings` (model name, template, ...) is recorded with k, sampling and seed; rerunning into a
@@ -121,7 +124,7 @@ def evaluate(engine: RolloutEngine, benchmarks: Mapping[str, list[Prompt]], out_
     settings = {**settings, "k": k, "seed": seed, "sampling": dataclasses.asdict(sampling)}
     _check_settings(out / SETTINGS_FILE, settings)
     done = _read_samples(out / SAMPLES_FILE)
-    scorer = scorer or MathScorer()
+    scorer = scorer or RewardScorer(decode)
     with open(out / SAMPLES_FILE, "a", encoding="utf-8") as log:
         for name, prompts in benchmarks.items():
             todo = [p for p in prompts if (name, p.prompt_id) not in done]

@@ -1,10 +1,11 @@
-"""Start-up checks: the whole config at once, HF checkpoints with readable weights, and explorer/learner
-tokenizers that agree.
+"""Start-up checks: the whole config at once, HF checkpoints with readable weights, explorer/learner
+tokenizers that agree, and the reward functions a config names.
 
 An explorer whose token ids mean something else than the learner's would silently train the learner
-on garbage; a half-copied checkpoint would fail deep inside vLLM. Both are caught here with the path
-and what is wrong. This module imports nothing heavy, so entry points check a config in a second, before
-they import Megatron and vLLM.
+on garbage; a half-copied checkpoint would fail deep inside vLLM; a reward function with a typo in its
+name would fail at the first step. All are caught here with the path or field and what is wrong. This
+module imports nothing heavy, so entry points check a config in a second, before they import Megatron
+and vLLM.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_s2l.config import S2LConfig, raise_problems
+from megatron_s2l.algo.reward_pool import BUILTIN_MATH, check_function
+from megatron_s2l.config import RewardConfig, S2LConfig, raise_problems
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def check_config(cfg: S2LConfig, problems: list[str] = (), check_files: bool = True) -> S2LConfig:
     """Raise one ConfigError listing `problems` (from parsing), every problem of `cfg`'s values and, with
-    `check_files`, of its paths and of the explorer's tokenizer against the learner's; else return `cfg`.
+    `check_files`, of its paths, of the explorer's tokenizer against the learner's and of the reward functions
+    it names; else return `cfg`.
 
     Everything a user can get wrong before the first step is found here, at once, before anything slow.
     """
@@ -39,8 +42,25 @@ def check_config(cfg: S2LConfig, problems: list[str] = (), check_files: bool = T
             check_tokenizers_agree(readable["explorer"], readable["learner"])
         except ValueError as err:
             found.append(str(err))
+    if check_files:
+        found += reward_function_problems(cfg.reward)
     raise_problems(found)
     return cfg
+
+
+def reward_function_problems(reward: RewardConfig, at: str = "reward") -> list[str]:
+    """Load every reward function `reward` names and check its signature; one problem per bad field."""
+    specs = {f"{at}.function": reward.function}
+    if isinstance(reward.by_data_source, dict):  # else the config reports it
+        specs.update({f"{at}.by_data_source.{source}": spec for source, spec in reward.by_data_source.items()})
+    problems = []
+    for where, spec in specs.items():
+        if spec != BUILTIN_MATH and isinstance(spec, str) and ":" in spec:  # the config reports malformed specs
+            try:
+                check_function(spec)
+            except ValueError as err:
+                problems.append(f"{where}: {err}")
+    return problems
 
 
 def check_hf_checkpoint(path: str | Path, *, role: str = "explorer") -> Path:

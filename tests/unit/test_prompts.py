@@ -85,6 +85,15 @@ def test_verl_parquet(tok):
     assert loaded.prompts[1].text == chatml([{"role": "user", "content": "Compute left to right mod 10: 9-4*3"}])
 
 
+def test_rows_carry_their_other_fields_to_the_rewards(tok):
+    verl = load(DATA / "prompts_verl.parquet", tok).prompts[2]
+    assert verl.extra == {"ability": "MATH", "reward_model": {"ground_truth": "4", "style": "rule"},
+                          "extra_info": {"index": "2"}}
+    jsonl = load(DATA / "prompts_good.jsonl", tok).prompts
+    assert [p.extra for p in jsonl] == [{"answer": "5"}, {"answer": 0}, {"ground_truth": "2"},
+                                        {"reward_model": {"ground_truth": "9", "style": "rule"}}]
+
+
 def test_verl_parquet_bad_rows(tok):
     path = DATA / "prompts_verl_bad.parquet"
     with pytest.raises(PromptFileError, match=rf"^{path}: row 1: prompt\[0\] has empty content"):
