@@ -19,7 +19,7 @@ from tqdm import tqdm
 from megatron_s2l.algo.advantages import dynamic_sampling_mask, group_advantages, source_means
 from megatron_s2l.algo.allocation import explorer_usage
 from megatron_s2l.algo.overlong import overlong
-from megatron_s2l.algo.reward_scorer import RewardScorer, reward_info_means
+from megatron_s2l.algo.reward_scorer import reward_info_means
 from megatron_s2l.config import S2LConfig
 from megatron_s2l.console import say
 from megatron_s2l.data.prompts import PromptStream, prompts_from_config
@@ -33,7 +33,7 @@ from megatron_s2l.learner.step import Learner
 from megatron_s2l.rollout.checks import check_config
 from megatron_s2l.rollout.colocation import Colocation
 from megatron_s2l.rollout.explorer_cache import ExplorerCache
-from megatron_s2l.rollout.mixer import S2LMixer, Scorer
+from megatron_s2l.rollout.mixer import S2LMixer, Scorer, reward_scorer
 from megatron_s2l.rollout.phase import RolloutHook, RolloutPhase
 from megatron_s2l.rollout.vllm_engine import VLLMEngine
 from megatron_s2l.types import Prompt, TrainBatch
@@ -52,7 +52,7 @@ def train(cfg: S2LConfig, rollout: RolloutHook | None = None) -> TrainResult:
     """Run S2L-PO per `cfg`; `rollout` replaces the default rollout phase (online/offline explorer + vLLM learner)."""
     cfg = resolve_models(check_config(cfg))
     tokenizer = load_tokenizer(cfg.learner.hf_path)
-    scorer = reward_scorer(cfg, tokenizer)
+    scorer = reward_scorer(cfg.reward, tokenizer.decode)
     stream = PromptStream(prompts_from_config(cfg.data, tokenizer, "train").prompts, seed=cfg.data.seed)
     learner = build_learner(cfg)
     start = _resume(cfg, learner, stream)
@@ -187,17 +187,10 @@ def build_rollout_phase(cfg: S2LConfig, tokenizer: PromptTokenizer, scorer: Scor
     elif cfg.explorer.source == "offline":
         explorer = ExplorerCache(cfg.explorer.cache_path, seed=cfg.seed)
     mixer = S2LMixer(cfg.schedule, explorer=explorer, learner=learner_engine, explorer_sampling=cfg.explorer.sampling,
-                     learner_sampling=cfg.learner_sampling, scorer=scorer or reward_scorer(cfg, tokenizer),
+                     learner_sampling=cfg.learner_sampling, scorer=scorer or reward_scorer(cfg.reward, tokenizer.decode),
                      seed=cfg.seed)
     colocation = Colocation(learner_engine, explorer if cfg.explorer.source == "online" else None)
     return RolloutPhase(mixer, colocation, engine_tp=cfg.learner_engine.tensor_parallel_size)
-
-
-def reward_scorer(cfg: S2LConfig, tokenizer: PromptTokenizer) -> RewardScorer:
-    """The scorer the `reward` section describes."""
-    r = cfg.reward
-    return RewardScorer(tokenizer.decode, function=r.function, by_data_source=r.by_data_source, timeout_s=r.timeout_s,
-                        workers=r.workers or None, on_error=r.on_error)
 
 
 def evaluate_learner(cfg: S2LConfig, rollout: RolloutHook, prompts: list[Prompt], tokenizer: PromptTokenizer,

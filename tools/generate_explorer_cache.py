@@ -6,7 +6,8 @@ cache matches what `explorer.source=offline` later expects:
     python tools/generate_explorer_cache.py --config run.yaml --out explorer.jsonl --n 32
     python tools/generate_explorer_cache.py --config run.yaml explorer.sampling.temperature=0.7 --out c.jsonl
 
-Rerunning the same command after a crash keeps the complete prompts and generates the rest. Prompts can
+Each rollout's reward is scored as training scores it (the `reward` section). Rerunning the same command
+after a crash keeps the complete prompts and generates the rest. Prompts can
 also be given already tokenised (`--prompt-ids`: JSONL of {prompt_id, prompt_ids, ground_truth});
 without a tokenizer pass `--eos-token-id` and `--no-reward`.
 """
@@ -66,11 +67,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def generate(cfg: S2LConfig, args: argparse.Namespace) -> dict[str, int]:
-    """Build prompts, reward function and engine from `cfg` and the CLI options; write the cache."""
-    from megatron_s2l.algo.rewards import math_reward
+    """Build prompts, scorer (the `reward` section) and engine from `cfg` and the CLI options; write the cache."""
     from megatron_s2l.data.prompts import load_prompts
     from megatron_s2l.data.tokenizer import load_tokenizer
     from megatron_s2l.rollout.explorer_cache import write_explorer_cache
+    from megatron_s2l.rollout.mixer import reward_scorer
     from megatron_s2l.rollout.vllm_engine import VLLMEngine
 
     explorer = cfg.explorer
@@ -85,14 +86,12 @@ def generate(cfg: S2LConfig, args: argparse.Namespace) -> dict[str, int]:
                                max_prompt_length=cfg.data.max_prompt_length,
                                on_bad_prompt=cfg.data.on_bad_prompt).prompts
 
-    def reward_fn(prompt: Prompt, response_ids: list[int]) -> float:
-        return math_reward(tokenizer.decode(response_ids), prompt.ground_truth)
-
     eos = args.eos_token_id if args.eos_token_id is not None else tokenizer.eos_id
     engine = VLLMEngine(explorer.hf_path, explorer.engine, source="explorer", model_id=explorer.model_id,
                         eos_token_id=eos)
     return write_explorer_cache(engine, prompts, args.out, n=args.n, sampling=explorer.sampling,
-                                explorer_id=explorer.model_id, reward_fn=None if args.no_reward else reward_fn,
+                                explorer_id=explorer.model_id,
+                                scorer=None if args.no_reward else reward_scorer(cfg.reward, tokenizer.decode),
                                 seed=explorer.engine.seed, batch_size=args.batch_size)
 
 

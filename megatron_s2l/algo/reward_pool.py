@@ -49,6 +49,16 @@ def default_workers() -> int:
     return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+def _is_file(target: str) -> bool:
+    return target.endswith(".py") or os.sep in target
+
+
+def absolute(spec: str) -> str:
+    """`spec` with a file path made absolute (workers resolve it wherever they run)."""
+    target, sep, name = spec.rpartition(":")
+    return f"{Path(target).resolve()}:{name}" if sep and _is_file(target) else spec
+
+
 def load_function(spec: str) -> Callable:
     """The function a spec names (`package.module:function` or `path/to/file.py:function`).
 
@@ -57,7 +67,7 @@ def load_function(spec: str) -> Callable:
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
         raise ValueError(f"{spec!r} is not 'package.module:function' or 'path/to/file.py:function'")
-    if target.endswith(".py") or os.sep in target:
+    if _is_file(target):
         path = Path(target).resolve()
         if not path.is_file():
             raise ValueError(f"{spec!r}: file {path} not found")

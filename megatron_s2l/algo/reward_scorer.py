@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 from typing import Callable, Mapping, Optional
 
-from megatron_s2l.algo.reward_pool import BUILTIN_MATH, FunctionPool, Outcome, check_function, default_workers
+from megatron_s2l.algo.reward_pool import (BUILTIN_MATH, FunctionPool, Outcome, absolute, check_function,
+                                          default_workers)
 from megatron_s2l.algo.rewards import MATH_VERIFY, quick_verdict
 from megatron_s2l.types import Prompt, Sample
 
@@ -44,8 +45,8 @@ class RewardScorer:
         for spec in {function, *(by_data_source or {}).values()} - {BUILTIN_MATH}:
             check_function(spec)  # a typo fails here, not at the first step
         self.decode = decode
-        self.function = function
-        self.by_data_source = dict(by_data_source or {})
+        self.function = absolute(function)
+        self.by_data_source = {source: absolute(spec) for source, spec in (by_data_source or {}).items()}
         self.on_error = on_error
         self.pool = FunctionPool(timeout_s=timeout_s, workers=workers or default_workers())
 

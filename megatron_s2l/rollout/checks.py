@@ -21,8 +21,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 def check_config(cfg: S2LConfig, problems: list[str] = (), check_files: bool = True) -> S2LConfig:
     """Raise one ConfigError listing `problems` (from parsing), every problem of `cfg`'s values and, with
-    `check_files`, of its paths, of the explorer's tokenizer against the learner's and of the reward functions
-    it names; else return `cfg`.
+    `check_files`, of its paths and of the explorer's tokenizer against the learner's, and of the reward
+    functions it names; else return `cfg`.
 
     Everything a user can get wrong before the first step is found here, at once, before anything slow.
     """
@@ -42,8 +42,7 @@ def check_config(cfg: S2LConfig, problems: list[str] = (), check_files: bool = T
             check_tokenizers_agree(readable["explorer"], readable["learner"])
         except ValueError as err:
             found.append(str(err))
-    if check_files:
-        found += reward_function_problems(cfg.reward)
+    found += reward_function_problems(cfg.reward)
     raise_problems(found)
     return cfg
 

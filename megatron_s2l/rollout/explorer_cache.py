@@ -2,7 +2,7 @@
 
 File format: one JSON object per rollout, the `n` rollouts of a prompt written together as one block:
   prompt_id, prompt_ids, response_ids, logprobs (per response token, the explorer's), finish_reason,
-  reward (null without a reward function), explorer_id, sampling (temperature, top_p, ...), seed,
+  reward (null without a scorer), explorer_id, sampling (temperature, top_p, ...), seed,
   sample_index, num_samples, ground_truth, data_source.
 `write_explorer_cache` appends block by block and flushes, so after a crash the file holds complete
 blocks plus at most one partial block, possibly ending in a truncated line; a rerun cuts that tail off
@@ -19,13 +19,12 @@ import os
 import random
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from megatron_s2l.config import SamplingConfig
 from megatron_s2l.rollout.engine import RolloutEngine, counts_per_prompt, prompt_seed, sampling_record
+from megatron_s2l.rollout.mixer import Scorer
 from megatron_s2l.types import Prompt, Sample
-
-RewardFn = Callable[[Prompt, list[int]], float]
 
 
 def _scan(path: Path) -> tuple[list[dict], int]:
@@ -61,7 +60,7 @@ def read_explorer_cache(path: str | Path) -> list[dict]:
 
 
 def write_explorer_cache(engine: RolloutEngine, prompts: list[Prompt], path: str | Path, *, n: int,
-                         sampling: SamplingConfig, explorer_id: str, reward_fn: Optional[RewardFn] = None,
+                         sampling: SamplingConfig, explorer_id: str, scorer: Optional[Scorer] = None,
                          seed: int = 0, batch_size: int = 32, progress: bool = True) -> dict[str, int]:
     """Generate `n` explorer rollouts for every prompt not yet complete in `path` and append them.
 
@@ -94,23 +93,25 @@ def write_explorer_cache(engine: RolloutEngine, prompts: list[Prompt], path: str
                                                        disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            for prompt, samples in zip(batch, engine.generate(batch, n, sampling, seed=seed)):
-                if not samples:
-                    stats["dropped"] += 1
-                    continue
-                f.write("".join(json.dumps(_record(prompt, s, k, reward_fn, settings)) + "\n"
-                                for k, s in enumerate(samples)))
+            drawn = [(prompt, samples) for prompt, samples in zip(batch, engine.generate(batch, n, sampling, seed=seed))
+                     if samples]
+            stats["dropped"] += len(batch) - len(drawn)
+            if scorer is not None:  # one call per batch: slow verifications run side by side
+                flat = [(prompt, s) for prompt, samples in drawn for s in samples]
+                for (_, s), reward in zip(flat, scorer.score([p for p, _ in flat], [s for _, s in flat])):
+                    s.reward = float(reward)
+            for prompt, samples in drawn:
+                f.write("".join(json.dumps(_record(prompt, s, k, settings)) + "\n" for k, s in enumerate(samples)))
                 stats["written"] += 1
             f.flush()
             bar.update(len(batch))
     return stats
 
 
-def _record(prompt: Prompt, sample: Sample, index: int, reward_fn: Optional[RewardFn], settings: dict) -> dict:
-    reward = None if reward_fn is None else float(reward_fn(prompt, sample.response_ids))
+def _record(prompt: Prompt, sample: Sample, index: int, settings: dict) -> dict:
     return {"prompt_id": prompt.prompt_id, "prompt_ids": list(prompt.prompt_ids),
             "response_ids": list(sample.response_ids), "logprobs": list(sample.behaviour_logprobs),
-            "finish_reason": sample.finish_reason, "reward": reward, "sample_index": index,
+            "finish_reason": sample.finish_reason, "reward": sample.reward, "sample_index": index,
             "ground_truth": prompt.ground_truth, "data_source": prompt.data_source, **settings}
 
 

@@ -19,13 +19,14 @@ for its own prompts, so replicas with more unsolved prompts take longer in the s
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 
 from megatron_s2l.algo.allocation import adaptive_explorer_counts
+from megatron_s2l.algo.reward_scorer import RewardScorer
 from megatron_s2l.algo.schedule import GroupSplit, explorer_share, group_split
-from megatron_s2l.config import SamplingConfig, ScheduleConfig
+from megatron_s2l.config import RewardConfig, SamplingConfig, ScheduleConfig
 from megatron_s2l.rollout.engine import RolloutEngine
 from megatron_s2l.types import Prompt, RolloutGroup, Sample, Source
 
@@ -40,6 +41,12 @@ class Scorer(Protocol):
         record numbers about a sample's scoring (time-outs, a reward's extra metrics) in its
         `reward_info`, which travels with the sample and is averaged per step by the loop."""
         ...
+
+
+def reward_scorer(reward: RewardConfig, decode: Callable[[list[int]], str]) -> RewardScorer:
+    """The scorer the `reward` section describes; `decode` turns response token ids into text."""
+    return RewardScorer(decode, function=reward.function, by_data_source=reward.by_data_source,
+                        timeout_s=reward.timeout_s, workers=reward.workers or None, on_error=reward.on_error)
 
 
 class S2LMixer:

@@ -41,13 +41,22 @@ class SeededEngine:
         return out
 
 
-def reward(prompt, response_ids):
-    return float(response_ids[0] % 2)
+class ParityScorer:
+    """Rewards the parity of a response's first token; records the size of every batch it scores."""
+
+    def __init__(self):
+        self.batches = []
+
+    def score(self, prompts, samples):
+        assert [p.prompt_id for p in prompts] == [s.prompt_id for s in samples]
+        self.batches.append(len(samples))
+        return [float(s.response_ids[0] % 2) for s in samples]
 
 
 def write(path, engine, **kw):
-    return write_explorer_cache(engine, PROMPTS, path, n=3, sampling=SAMPLING, explorer_id="small",
-                                reward_fn=reward, seed=4, batch_size=2, progress=False, **kw)
+    kw = {"scorer": ParityScorer(), **kw}
+    return write_explorer_cache(engine, PROMPTS, path, n=3, sampling=SAMPLING, explorer_id="small", seed=4,
+                                batch_size=2, progress=False, **kw)
 
 
 def test_write_records_every_field(tmp_path):
@@ -65,6 +74,12 @@ def test_write_records_every_field(tmp_path):
                      "sampling": {"temperature": 0.7, "top_p": 0.95, "top_k": -1, "presence_penalty": 0.0,
                                   "max_new_tokens": 8},
                      "num_samples": 3, "seed": 4}
+
+
+def test_each_engine_batch_is_scored_in_one_call(tmp_path):
+    scorer = ParityScorer()
+    write(tmp_path / "cache.jsonl", SeededEngine(skip={"q3"}), scorer=scorer)
+    assert scorer.batches == [2 * 3, 1 * 3, 2 * 3, 1 * 3]  # 7 prompts in batches of 2, q3 dropped; 3 samples each
 
 
 def test_resume_after_crash_gives_the_uninterrupted_file(tmp_path):

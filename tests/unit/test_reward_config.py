@@ -1,10 +1,17 @@
 """The `reward` section: values checked with the config, functions loaded and checked at start-up, each
 problem naming its field."""
 
-import pytest
+import re
+from pathlib import Path
 
+import pytest
+import yaml
+
+from megatron_s2l.algo.reward_scorer import RewardScorer
 from megatron_s2l.config import ConfigError, RewardConfig, S2LConfig
 from megatron_s2l.rollout.checks import check_config, reward_function_problems
+from megatron_s2l.types import Prompt
+from tests.unit.test_reward_scorer import decode, sample
 
 MODULE = "tests.unit.user_rewards"
 
@@ -59,3 +66,23 @@ def test_start_up_check_reports_reward_functions_with_the_rest(tmp_path):
     assert f"reward.function: '{MODULE}:no_such_function': 'no_such_function' in {MODULE} is not found" in \
         caught.value.problems
     assert any(p.startswith("learner.hf_path") for p in caught.value.problems)
+
+
+def test_the_readme_reward_example_works_as_written(tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Your own reward"):]
+    python_block = re.search(r"```python\n(# my_rewards.py\n.*?)```", section, re.S).group(1)
+    yaml_block = re.search(r"```yaml\n(reward:.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    Path("my_rewards.py").write_text(python_block)
+    cfg = S2LConfig.from_dict({**yaml.safe_load(yaml_block), "explorer": {"source": "none"}})
+    cfg.validate(check_files=False)
+    assert reward_function_problems(cfg.reward) == []
+    r = cfg.reward
+    scorer = RewardScorer(decode, function=r.function, by_data_source=r.by_data_source, timeout_s=r.timeout_s,
+                          workers=r.workers or None, on_error=r.on_error)
+    prompts = [Prompt("a", [0], "7"), Prompt("b", [0], "7", data_source="gsm8k")]
+    samples = [sample("a", "<answer>7</answer>"), sample("b", "<answer>7</answer>")]
+    assert scorer.score(prompts, samples) == [1.0, 0.0]  # gsm8k rows keep the math check: no \boxed{} here
+    assert samples[0].reward_info == {"timed_out": 0.0, "failed": 0.0, "length": 18.0}
+    scorer.close()
