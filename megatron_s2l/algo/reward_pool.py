@@ -248,6 +248,8 @@ def _exit_with(parent: int) -> None:
 def _serve(parent: int) -> None:
     """Worker loop: one JSON request per line ({"load": spec} or {"call": spec, "kwargs": {...}}), one reply."""
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a reward function's prints go to stderr, not into replies
     functions: dict[str, tuple[Callable, Optional[tuple[str, ...]]]] = {}
     for line in sys.stdin:
         request = json.loads(line)
@@ -261,8 +263,7 @@ def _serve(parent: int) -> None:
                 reply = {"value": function(**_arguments(request["kwargs"], names))}
         except Exception:
             reply = {"error": traceback.format_exc()}
-        sys.stdout.write(json.dumps(reply, default=_jsonable) + "\n")
-        sys.stdout.flush()
+        replies.write(json.dumps(reply, default=_jsonable) + "\n")
 
 
 def _arguments(kwargs: dict, names: Optional[tuple[str, ...]]) -> dict:

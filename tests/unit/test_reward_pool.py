@@ -60,6 +60,14 @@ def test_a_hanging_call_times_out_and_the_worker_is_replaced():
     pool.close()
 
 
+def test_a_function_that_prints_does_not_disturb_the_replies(capfd):
+    pool = FunctionPool(timeout_s=30.0, workers=1)
+    outcomes = pool.run([(f"{MODULE}:prints", {"response": "a"}), (f"{MODULE}:prints", {"response": "b"})])
+    pool.close()
+    assert [o.value for o in outcomes] == [1.0, 1.0]
+    assert "scoring 'a'\nscoring 'b'\n" in capfd.readouterr().err
+
+
 def test_a_raising_call_returns_its_traceback():
     pool = FunctionPool(timeout_s=30.0, workers=1)
     [outcome] = pool.run([(f"{MODULE}:raises", {"response": "boom"})])

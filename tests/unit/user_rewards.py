@@ -33,6 +33,12 @@ def hangs(response):
     return 1.0
 
 
+def prints(response):
+    """Prints while scoring, as reward functions under development do."""
+    print(f"scoring {response!r}")
+    return 1.0
+
+
 def returns_text(response):
     return "yes"
 
