@@ -187,8 +187,8 @@ def build_rollout_phase(cfg: S2LConfig, tokenizer: PromptTokenizer, scorer: Scor
     elif cfg.explorer.source == "offline":
         explorer = ExplorerCache(cfg.explorer.cache_path, seed=cfg.seed)
     mixer = S2LMixer(cfg.schedule, explorer=explorer, learner=learner_engine, explorer_sampling=cfg.explorer.sampling,
-                     learner_sampling=cfg.learner_sampling, scorer=scorer or reward_scorer(cfg.reward, tokenizer.decode),
-                     seed=cfg.seed)
+                     learner_sampling=cfg.learner_sampling,
+                     scorer=scorer or reward_scorer(cfg.reward, tokenizer.decode), seed=cfg.seed)
     colocation = Colocation(learner_engine, explorer if cfg.explorer.source == "online" else None)
     return RolloutPhase(mixer, colocation, engine_tp=cfg.learner_engine.tensor_parallel_size)
 

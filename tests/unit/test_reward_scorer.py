@@ -136,7 +136,8 @@ def test_bad_functions_fail_when_the_scorer_is_built():
 
 def test_reward_info_means_over_the_samples_that_have_each_key():
     samples = [sample("a", "x") for _ in range(4)]
-    infos = [{"timed_out": 1.0, "format": 0.5}, {"timed_out": 0.0}, {"timed_out": 0.0, "format": 1.0}, {"timed_out": 1.0}]
+    infos = [{"timed_out": 1.0, "format": 0.5}, {"timed_out": 0.0}, {"timed_out": 0.0, "format": 1.0},
+             {"timed_out": 1.0}]
     for s, info in zip(samples, infos):
         s.reward_info.update(info)
     assert reward_info_means(samples) == {"reward_info/timed_out": 0.5, "reward_info/format": 0.75}
