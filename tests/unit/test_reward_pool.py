@@ -29,26 +29,29 @@ def test_one_worker_runs_the_calls_one_after_another(tmp_path):
     assert [o.value for o in outcomes] == [0.0, 1.0]
 
 
-def test_n_pathological_answers_cost_one_time_limit_not_n():
-    timeout_s, n = 2.0, 3
-    truths = ["2"] * n
+def test_n_hanging_calls_cost_one_time_limit_not_n():
+    """A hanging call and a pathological math check end the same way (killed at the deadline); sleeping
+    instead of computing keeps the measure independent of how busy the machine's CPUs are."""
+    timeout_s, n = 3.0, 3
     wall = {}
     for workers in (n, 1):
-        scorer = MathScorer(timeout_s=timeout_s, workers=workers)
-        assert scorer.verdicts(["\\boxed{\\sqrt{4}}"] * n, truths) == [True] * n  # starts (and warms) the workers
+        pool = FunctionPool(timeout_s=timeout_s, workers=workers)
+        warm = pool.run([(f"{MODULE}:hangs", {"response": "fine"})] * n)  # starts the workers, loads the module
+        assert [o.value for o in warm] == [1.0] * n
         start = time.monotonic()
-        assert scorer.verdicts([PATHOLOGICAL] * n, truths) == [None] * n
+        outcomes = pool.run([(f"{MODULE}:hangs", {"response": "hang"})] * n)
         wall[workers] = time.monotonic() - start
-        scorer.close()
-    assert wall[n] < 1.5 * timeout_s  # side by side: about one time limit
-    assert wall[1] >= n * timeout_s  # one worker: one time limit per answer
+        assert all(o.timed_out for o in outcomes)
+        pool.close()
+    assert wall[n] < 2 * timeout_s  # side by side: about one time limit
+    assert wall[1] >= n * timeout_s  # one worker: one time limit per call
 
 
-def test_results_keep_the_input_order_around_time_outs():
-    scorer = MathScorer(timeout_s=2.0, workers=2)
-    responses = [PATHOLOGICAL, "\\boxed{\\sqrt{4}}", "\\boxed{x=5}", PATHOLOGICAL, "\\boxed{\\frac{\\sqrt{2}}{2}}"]
-    truths = ["1", "2", "4", "1", "\\sqrt{2}/2"]
-    assert scorer.verdicts(responses, truths) == [None, True, False, None, True]
+def test_pathological_answers_time_out_in_the_pool_and_keep_their_places():
+    scorer = MathScorer(timeout_s=2.0, workers=3)
+    # quick_match decides the plain numbers in-process; the power towers go to the pool and run out of time
+    responses = [PATHOLOGICAL, "\\boxed{2}", "\\boxed{3}", PATHOLOGICAL, "\\boxed{\\frac{4}{2}}", PATHOLOGICAL]
+    assert scorer.verdicts(responses, ["1", "2", "2", "1", "2", "1"]) == [None, True, False, None, True, None]
     scorer.close()
 
 

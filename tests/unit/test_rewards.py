@@ -13,7 +13,7 @@ PATHOLOGICAL = "so the answer is \\boxed{9^{9^{9^{9}}}}"
 
 @pytest.fixture(scope="module")
 def scorer():
-    scorer = MathScorer(timeout_s=3.0)  # the pathological check's cost; room for real checks on a loaded machine
+    scorer = MathScorer(timeout_s=5.0)  # the pathological check's cost; room for real checks on a loaded machine
     yield scorer
     scorer.close()
 
