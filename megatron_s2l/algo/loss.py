@@ -244,8 +244,11 @@ def accumulate_metrics(total: dict[str, Tensor], new: dict[str, Tensor]) -> dict
 def all_reduce_metrics(metrics: dict[str, Tensor], group: Optional[dist.ProcessGroup] = None) -> dict[str, Tensor]:
     """Combine metric dicts across the ranks of `group` (sums and maxima, as `accumulate_metrics`).
 
-    Every rank must pass the same keys (grpo_loss gives the same keys for the same options).
+    Every rank must pass the same keys (grpo_loss gives the same keys for the same options). A group of
+    one rank returns `metrics` without communicating (on CPU a gloo call costs a thread hand-off).
     """
+    if dist.get_world_size(group) == 1:
+        return metrics
     keys = sorted(metrics)
     sums = [k for k in keys if not k.endswith("_max")]
     maxes = [k for k in keys if k.endswith("_max")]

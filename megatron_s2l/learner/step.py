@@ -123,8 +123,9 @@ class Learner:
         if parallel_state.is_pipeline_last_stage():
             for part, logprobs in zip(micro, outputs):  # [m, T] each
                 local[part["rows"], :logprobs.shape[1]] = logprobs
-        dist.broadcast(local, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=parallel_state.get_pipeline_model_parallel_group())
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(local, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
         return _gather_data_parallel_rows(local, batch.size).cpu()
 
     def train(self, batch: TrainBatch, *, max_response_len: int | None = None) -> dict[str, float]:
@@ -230,7 +231,8 @@ class Learner:
         local_ok = math.isfinite(metrics["loss"]) and all(
             bool(torch.isfinite(buffer.grad_data).all()) for chunk in self.ddp_chunks for buffer in chunk.buffers)
         ok = torch.tensor([float(local_ok)], device=self.device)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if not ok.item():
             for chunk in self.ddp_chunks:
                 chunk.zero_grad_buffer()
@@ -405,6 +407,8 @@ def _reduce_metrics(outputs: list[dict]) -> dict[str, float]:
     if parallel_state.is_pipeline_last_stage():
         combined = functools.reduce(accumulate_metrics, outputs)  # tensors on the device: NCCL reduces them
         metrics = finalize_metrics(all_reduce_metrics(combined, group=parallel_state.get_data_parallel_group()))
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return metrics
     shared = [metrics]
     dist.broadcast_object_list(shared, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                                group=parallel_state.get_pipeline_model_parallel_group())
