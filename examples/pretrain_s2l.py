@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megatron_s2l import console
 from megatron_s2l.config import S2LConfig
 from megatron_s2l.rollout.checks import check_config
+
+if TYPE_CHECKING:
+    from megatron_s2l.loop import TrainResult
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 # Megatron-LM flag -> dotted config field.
@@ -64,7 +68,7 @@ def main(argv=None) -> None:
         console.say(line)
 
 
-def summary(cfg: S2LConfig, result) -> list[str]:
+def summary(cfg: S2LConfig, result: TrainResult) -> list[str]:
     """The run's closing lines: held-out pass@1 before and after, training reward, where the logs and
     checkpoints are."""
     if not result.history:
