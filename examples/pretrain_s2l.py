@@ -74,23 +74,24 @@ def summary(cfg: S2LConfig, result: TrainResult) -> list[str]:
     if not result.history:
         return [f"nothing to train: the latest checkpoint is already at train_steps={cfg.train_steps}"]
     first_step = result.last_step - len(result.history) + 1
-    rewards = [m["reward/mean"] for m in result.history]
-    lines = [f"trained steps {first_step}-{result.last_step}: training reward {rewards[0]:.3f} at step {first_step}, "
-             f"{rewards[-1]:.3f} at step {result.last_step}"]
-    evaluated = [(0, result.initial_eval)] if result.initial_eval else []
-    evaluated += [(first_step + i, m) for i, m in enumerate(result.history) if "eval/pass@1" in m]
-    if evaluated:
-        (first, before), (last, after) = evaluated[0], evaluated[-1]
-        lines.append(f"held-out pass@1: {before['eval/pass@1']:.3f} at step {first}, {after['eval/pass@1']:.3f} "
-                     f"at step {last}")
-    else:
-        lines.append("held-out pass@1: not evaluated (set logging.eval_interval)")
+    rewards = [(first_step + i, m["reward/mean"]) for i, m in enumerate(result.history)]
+    lines = [f"trained steps {first_step}-{result.last_step}: training reward {_first_and_last(rewards)}"]
+    evaluated = [(0, result.initial_eval["eval/pass@1"])] if result.initial_eval else []
+    evaluated += [(step, m["eval/pass@1"]) for (step, _), m in zip(rewards, result.history) if "eval/pass@1" in m]
+    # before and after; a resumed run has only its own evaluations
+    lines.append(f"held-out pass@1: {_first_and_last(evaluated)}" if evaluated
+                 else "held-out pass@1: not evaluated (set logging.eval_interval)")
     logs = cfg.logging.tensorboard_dir
     lines.append(f"TensorBoard: tensorboard --logdir {logs}" if logs else "TensorBoard: off (logging.tensorboard_dir)")
     saved = cfg.checkpoint.save_dir
     lines.append(f"checkpoints: {saved} (resume with --load {saved})" if saved
                  else "checkpoints: none saved (checkpoint.save_dir)")
     return lines
+
+
+def _first_and_last(points: list[tuple[int, float]]) -> str:
+    """"0.261 at step 0, 0.446 at step 32" (one point when there is only one)."""
+    return ", ".join(f"{value:.3f} at step {step}" for step, value in dict([points[0], points[-1]]).items())
 
 
 if __name__ == "__main__":  # checkpoint writers re-import __main__

@@ -9,7 +9,7 @@ import os
 import re
 import subprocess
 import sys
-from importlib.util import find_spec
+from importlib.util import find_spec, module_from_spec, spec_from_file_location
 from pathlib import Path
 
 import pytest
@@ -111,3 +111,27 @@ def test_a_tools_help_prints_only_its_usage_unless_verbose(verbose):
         assert "UserWarning: Transformer Engine and Apex are not installed" in done.stderr
     else:
         assert done.stderr == ""
+
+
+def _entry_point():
+    spec = spec_from_file_location("pretrain_s2l", REPO / "examples" / "pretrain_s2l.py")
+    module = module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_summary_reads_before_and_after_also_for_a_resumed_run(tmp_path):
+    from megatron_s2l.config import S2LConfig
+    from megatron_s2l.loop import TrainResult
+
+    cfg = S2LConfig.from_dict({"logging": {"tensorboard_dir": "tb"}})
+    fresh = TrainResult(last_step=2, history=[{"reward/mean": 0.25}, {"reward/mean": 0.5, "eval/pass@1": 0.4}],
+                        initial_eval={"eval/pass@1": 0.125})
+    assert _entry_point().summary(cfg, fresh) == [
+        "trained steps 1-2: training reward 0.250 at step 1, 0.500 at step 2",
+        "held-out pass@1: 0.125 at step 0, 0.400 at step 2",
+        "TensorBoard: tensorboard --logdir tb",
+        "checkpoints: none saved (checkpoint.save_dir)"]
+    resumed = TrainResult(last_step=32, history=[{"reward/mean": 0.5, "eval/pass@1": 0.375}])
+    assert _entry_point().summary(cfg, resumed)[:2] == ["trained steps 32-32: training reward 0.500 at step 32",
+                                                        "held-out pass@1: 0.375 at step 32"]
