@@ -46,6 +46,11 @@ BENIGN_WARNINGS = (
     # Megatron-Core's own default cuda_graph_scope="full" deprecates itself in TransformerConfig; CUDA graphs
     # are off in megatron-s2l.
     (UserWarning, "full scope is deprecated. Use empty cuda_graph_scope to capture the whole layer."),
+    # Megatron-Core's distributed checkpoints load through torch APIs that torch has deprecated; resuming
+    # works as tested (tests/e2e/test_resume.py), the replacement is Megatron-Core's to adopt.
+    (FutureWarning, "`load_state_dict` is deprecated and will be removed in future versions. Please use `load` "
+                    "instead."),
+    (FutureWarning, "Please use DTensor instead and we are deprecating ShardedTensor."),
     # vLLM's kernel dispatcher scans torch.distributed's attributes and touches the deprecated alias.
     (FutureWarning, "`torch.distributed.reduce_op` is deprecated, please use `torch.distributed.ReduceOp` "
                     "instead"),
