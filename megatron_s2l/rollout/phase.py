@@ -58,8 +58,8 @@ class RolloutHook(Protocol):
         ...
 
     def metrics(self, step: int) -> dict[str, float]:
-        """Rollout numbers of `step` so far, the same on every rank: at least `schedule/explorer_share`
-        (alpha), and counters such as dropped prompts, refit bytes and seconds, reward time-outs."""
+        """Rollout numbers of `step` so far: at least `schedule/explorer_share` (alpha), and counters such
+        as dropped prompts (summed over engine replicas, the same on every rank) or refit bytes and seconds."""
         ...
 
 
