@@ -28,7 +28,8 @@ tutor taught it wrong (its blind spot): the regime of the paper, in which the le
 a correct sample.
 Writes results.json, results.md and results.png into --out (one JSON per run under runs/ as well). A run
 whose JSON is already there with the same steps, temperature and overrides is reused, so an interrupted
-bench resumes, and more seeds can be added later to the same --out.
+bench resumes, and more seeds can be added later to the same --out; --summary-only summarises what is there
+(several benches with different --seeds may write into one --out at the same time).
 """
 
 from __future__ import annotations
@@ -324,6 +325,8 @@ def main(argv=None) -> None:
     parser.add_argument("--min-wraps", type=int, default=0,
                         help="train and evaluate only on problems with at least this many wrap-around steps (the "
                              "demo learner's blind spot; the held-out set is then 200 new such problems)")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="summarise the runs already saved in --out, leaving out the missing ones (a bench cut short)")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the demo config, e.g. prompts_per_step=8")
     args = parser.parse_args(argv)
@@ -343,6 +346,9 @@ def main(argv=None) -> None:
             if (record := saved_run(path, settings)) is not None:  # a rerun after a crash redoes only what is missing
                 records.append(record)
                 print(f"{method} seed {seed}: reused {path}", flush=True)
+                continue
+            if args.summary_only:
+                print(f"{method} seed {seed}: missing, left out", flush=True)
                 continue
             started = time.time()
             subprocess.run([sys.executable, __file__, "--worker", method, str(seed), "--steps", str(args.steps),
