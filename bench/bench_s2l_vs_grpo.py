@@ -291,7 +291,7 @@ def plot(summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for method, s in summary.items():
         steps = range(1, len(s["reward_per_step"]) + 1)
-        axes[0].plot(steps, s["reward_per_step"], label=method)
+        axes[0].plot(steps, s["reward_per_step"], label=f"{method} (seeds {', '.join(map(str, s['seeds']))})")
         axes[1].plot(s["pass@1_steps"], s["pass@1"], marker="o", label=method)
         flops_at = [0.0] + [s["cumulative_tflops"][k - 1] for k in s["pass@1_steps"][1:]]
         axes[2].plot(flops_at, s["pass@1"], marker="o", label=method)
@@ -301,7 +301,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"S2L-PO vs GRPO on the CPU demo (mean over seeds {next(iter(summary.values()))['seeds']})")
+    fig.suptitle("S2L-PO vs GRPO on the CPU demo (mean over each method's seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
