@@ -61,17 +61,18 @@ class Learner:
                              "set learner.params_dtype='bfloat16', or optim.pack_sequences=false")
         # Built before any process group so that an impossible FP8/TE request fails at once.
         params_dtype = getattr(torch, model.params_dtype)
-        self.config = transformer_config(model, parallel, fp8, params_dtype=params_dtype)
+        self.transformer_config = transformer_config(model, parallel, fp8, params_dtype=params_dtype)
         init_parallel(parallel, seed)
-        self.model, self.optim, self.loss_kwargs, self.seed = model, optim, dataclasses.asdict(loss), seed
-        self.config.finalize_model_grads_func = finalize_model_grads
-        self.config.variable_seq_lengths = True  # micro-batches are trimmed to their own length (PP p2p)
+        self.model_config, self.optim_config, self.seed = model, optim, seed
+        self.loss_kwargs = dataclasses.asdict(loss)
+        self.transformer_config.finalize_model_grads_func = finalize_model_grads
+        self.transformer_config.variable_seq_lengths = True  # micro-batches are trimmed to their own length (PP p2p)
         self.device = torch.device(torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        policy = build_model(model, self.config)
+        policy = build_model(model, self.transformer_config)
         self.model_chunks = [policy]
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                    use_distributed_optimizer=parallel.use_distributed_optimizer)
-        self.ddp_chunks = [DistributedDataParallel(self.config, ddp_config, policy)]
+        self.ddp_chunks = [DistributedDataParallel(self.transformer_config, ddp_config, policy)]
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", bf16=params_dtype == torch.bfloat16, lr=optim.lr, min_lr=optim.min_lr,
                             weight_decay=optim.weight_decay, adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2,
@@ -84,14 +85,14 @@ class Learner:
             start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=1, wd_incr_style="constant")
         self.reference_chunks = []
         if with_reference:
-            reference = build_model(model, self.config)
+            reference = build_model(model, self.transformer_config)
             reference.requires_grad_(False)
             self.reference_chunks = [reference]
             self.update_reference()
 
     def load_hf(self, state: Mapping[str, torch.Tensor]) -> None:
         """Start from HF weights (`state`: HF names -> full tensors): policy, optimizer copies and reference."""
-        load_hf_weights(self.model_chunks, self.model, state)
+        load_hf_weights(self.model_chunks, self.model_config, state)
         self.optimizer.reload_model_params()  # main (fp32) copies of bf16 params were taken at construction
         if self.reference_chunks:
             self.update_reference()
@@ -154,9 +155,9 @@ class Learner:
         if batch.old_logprobs is None:
             batch, in_pass_rows = self._old_logprobs(batch)
             scored_rows = int((~in_pass_rows).sum())
-        for epoch in range(self.optim.ppo_epochs):
+        for epoch in range(self.optim_config.ppo_epochs):
             order = _epoch_group_order(batch.group_index, epoch, shuffle_seed)
-            for index, mini_batch in enumerate(_mini_batches(batch, order, self.optim.mini_batch_prompts)):
+            for index, mini_batch in enumerate(_mini_batches(batch, order, self.optim_config.mini_batch_prompts)):
                 if epoch == index == 0 and in_pass_rows.any():
                     mini_batch.old_logprobs = None  # taken from its own training pass (`_grpo_output`)
                 metrics = self._step_on(mini_batch, functools.partial(self._grpo_output,
@@ -180,8 +181,9 @@ class Learner:
         every row is revisited after updates, so every row is scored here.
         """
         in_pass = torch.zeros(batch.size, dtype=torch.bool)  # [B]
-        if self.optim.ppo_epochs == 1:
-            first_groups = batch.group_index.unique()[:self.optim.mini_batch_prompts]  # epoch 0 keeps batch order
+        if self.optim_config.ppo_epochs == 1:
+            # epoch 0 keeps batch order
+            first_groups = batch.group_index.unique()[:self.optim_config.mini_batch_prompts]
             in_pass = torch.isin(batch.group_index, first_groups)  # [B]
         old = torch.zeros(batch.response_mask.shape)  # [B, L-1]
         if not in_pass.all():
@@ -239,7 +241,7 @@ class Learner:
             self.optimizer.zero_grad()
             return None
         _, grad_norm, _ = self.optimizer.step()
-        if self.optim.clip_grad == 0:  # megatron computes the norm only to clip
+        if self.optim_config.clip_grad == 0:  # megatron computes the norm only to clip
             grad_norm = self.optimizer.get_grad_norm()
         self.scheduler.step(increment=1)
         return metrics | {"grad_norm": float(grad_norm)}
@@ -256,8 +258,9 @@ class Learner:
         logits = logits.reshape(*targets.shape, logits.shape[-1])  # [m, T, V/TP]
         vocab_start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]  # equal shards
         logprobs, entropy = vocab_parallel_logprobs(
-            logits, targets, vocab_start=vocab_start, vocab_size=self.model.vocab_size, with_entropy=with_entropy,
-            group=parallel_state.get_tensor_model_parallel_group(), chunk_size=self.optim.logprob_chunk_size or None)
+            logits, targets, vocab_start=vocab_start, vocab_size=self.model_config.vocab_size,
+            with_entropy=with_entropy, group=parallel_state.get_tensor_model_parallel_group(),
+            chunk_size=self.optim_config.logprob_chunk_size or None)
         packing = micro.get("packing")
         if packing is None:
             return logprobs, entropy
@@ -297,13 +300,13 @@ class Learner:
         """
         positions = torch.arange(mask.shape[1])  # [L-1]
         lengths = torch.where(mask, positions, 0).max(1).values + 1  # [b] through each row's last masked token
-        if self.optim.pack_sequences:
-            plans = plan_packing(lengths, self.optim.pack_row_tokens or int(lengths.max()),
-                                 self.optim.micro_batch_size)
+        if self.optim_config.pack_sequences:
+            plans = plan_packing(lengths, self.optim_config.pack_row_tokens or int(lengths.max()),
+                                 self.optim_config.micro_batch_size)
             parts = [(plan.sequences, plan) for plan in plans]
         else:
-            parts = [(torch.arange(start, min(start + self.optim.micro_batch_size, len(lengths))), None)
-                     for start in range(0, len(lengths), self.optim.micro_batch_size)]
+            parts = [(torch.arange(start, min(start + self.optim_config.micro_batch_size, len(lengths))), None)
+                     for start in range(0, len(lengths), self.optim_config.micro_batch_size)]
         micro = []
         for rows, plan in parts:
             length = int(lengths[rows].max())
@@ -325,7 +328,7 @@ class Learner:
         if packing is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)  # [m, T]
             return model(tokens, positions, None)
-        if self.model.layer_spec == "te":
+        if self.model_config.layer_spec == "te":
             return _forward_thd(model, tokens, micro["positions"], segment_ids(packing))
         # megatron-core's local attention refuses PackedSeqParams but honours an explicit mask
         return model(tokens, micro["positions"], block_causal_mask(segment_ids(packing)))
@@ -339,8 +342,9 @@ class Learner:
 
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(micro), model=chunks, num_microbatches=len(micro),
-            seq_length=max(batch["tokens"].shape[1] for batch in micro), micro_batch_size=self.optim.micro_batch_size,
-            forward_only=forward_only, collect_non_loss_data=forward_only)
+            seq_length=max(batch["tokens"].shape[1] for batch in micro),
+            micro_batch_size=self.optim_config.micro_batch_size, forward_only=forward_only,
+            collect_non_loss_data=forward_only)
 
 
 def _data_parallel_rows(size: int) -> torch.Tensor:

@@ -87,7 +87,7 @@ def _rope_scores(learner, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     scores = []
     for start in (0, offset):
         window = freqs[start:start + length]  # [L, 1, 1, D]
-        q_rot, k_rot = (apply_rotary_pos_emb(x, window, learner.config) for x in (q, k))  # [L, 1, 1, D]
+        q_rot, k_rot = (apply_rotary_pos_emb(x, window, learner.transformer_config) for x in (q, k))  # [L, 1, 1, D]
         scores.append(q_rot[:, 0, 0] @ k_rot[:, 0, 0].T)  # [L, L]
     return scores[0], scores[1]
 
