@@ -22,6 +22,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from megatron_s2l.constants import (AdvantageNorm, GroupMode, ImportanceCorrection, KLType, LossAggregation,
+                                    OnBadPrompt, PromptTemplate, ScheduleKind)
+
 
 class ConfigError(ValueError):
     """Every problem found in a config (or a tool's arguments), one per line: what a user reads, no traceback.
@@ -44,23 +47,11 @@ def raise_problems(problems: list[str]) -> None:
         raise ConfigError(problems)
 
 
-def _choices(literal_type) -> tuple:
-    return typing.get_args(literal_type)
-
-
-ScheduleKind = Literal["linear", "cosine", "step", "constant"]
-GroupMode = Literal["combined", "separate"]
 ExplorerAllocation = Literal["fixed", "adaptive"]
 ExplorerSource = Literal["online", "offline", "none"]
-AdvantageNorm = Literal["std", "none"]
-KLType = Literal["k1", "k3", "low_var_kl"]
-LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
-ImportanceCorrection = Literal["none", "tis", "icepop"]
 LayerSpec = Literal["local", "te"]
 ParamsDType = Literal["float32", "bfloat16"]
 FP8Recipe = Literal["delayed", "tensorwise", "blockwise", "mxfp8"]
-OnBadPrompt = Literal["error", "drop"]
-PromptTemplate = Literal["chat", "qwen3-base", "qwen3-base-nothink", "raw"]
 EngineDType = Literal["auto", "float32", "bfloat16", "float16"]
 LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
 OnRewardError = Literal["raise", "zero"]

@@ -42,9 +42,10 @@ from megatron_s2l.config import (DataConfig, EngineConfig, FP8Config, LossConfig
 if __name__ == "__main__":  # the family build prepare_demo starts: quiet before Megatron and vLLM are imported
     console.setup_from_argv()
 
+from megatron_s2l.constants import DEMO_TOKENIZER_FILE  # noqa: E402
 from megatron_s2l.data.prompts import task_prompts, task_spec  # noqa: E402
 from megatron_s2l.data.task import Tutor, pretraining_examples, task_splits  # noqa: E402
-from megatron_s2l.data.tokenizer import TOKENIZER_FILE, Tokenizer, render_prompt, train_tokenizer  # noqa: E402
+from megatron_s2l.data.tokenizer import Tokenizer, render_prompt, train_tokenizer  # noqa: E402
 from megatron_s2l.evaluation.passk_eval import evaluate, write_comparison  # noqa: E402
 from megatron_s2l.learner.hf_weights import save_hf_dir  # noqa: E402
 from megatron_s2l.learner.step import Learner  # noqa: E402
@@ -107,7 +108,7 @@ def build_family(spec: FamilySpec, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     task = task_spec(spec.data)
     train, _ = task_splits(spec.data.task_num_train, spec.data.task_num_eval, task, seed=spec.data.seed)
-    if not (out / TOKENIZER_FILE).exists():
+    if not (out / DEMO_TOKENIZER_FILE).exists():
         train_tokenizer((p.question + " " + p.solution for p in train), vocab_size=spec.learner.model.vocab_size).save(out)
     tokenizer = Tokenizer.load(out)
 

@@ -7,12 +7,14 @@ Everything is vectorised over groups with index ops.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import torch
 from torch import Tensor
 
-NORMS = ("std", "none")
+from megatron_s2l.constants import AdvantageNorm
+
+NORMS = get_args(AdvantageNorm)
 
 
 class AdvantageResult(NamedTuple):

@@ -27,15 +27,16 @@ and only `finalize_metrics` divides sums by their counts.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, get_args
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-KL_TYPES = ("k1", "k3", "low_var_kl")
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-IMPORTANCE_CORRECTIONS = ("none", "tis", "icepop")
+from megatron_s2l.constants import ImportanceCorrection, KLType, LossAggregation
+
+KL_TYPES, AGGREGATIONS = get_args(KLType), get_args(LossAggregation)
+IMPORTANCE_CORRECTIONS = get_args(ImportanceCorrection)
 
 # exp() of a log-ratio beyond this overflows fp32 gradients; verl clamps at the same bound.
 _LOG_RATIO_CLAMP = 20.0

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
-KINDS = ("linear", "cosine", "step", "constant")
-GROUP_MODES = ("combined", "separate")
+from megatron_s2l.constants import GroupMode, ScheduleKind
+
+KINDS, GROUP_MODES = get_args(ScheduleKind), get_args(GroupMode)
 
 # alpha * G computed in floating point may land a hair above a whole number (0.7 * 10 =
 # 7.000000000000001); products this close to an integer are that integer.

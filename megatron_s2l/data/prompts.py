@@ -24,14 +24,15 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence, get_args
 
 from megatron_s2l.config import ConfigError, DataConfig
+from megatron_s2l.constants import OnBadPrompt
 from megatron_s2l.data.task import DATA_SOURCE, Problem, TaskSpec, task_splits
 from megatron_s2l.data.tokenizer import PromptTokenizer, render_prompt
 from megatron_s2l.types import Prompt
 
-ON_BAD_PROMPT = ("error", "drop")
+ON_BAD_PROMPT = get_args(OnBadPrompt)
 # Fields a Prompt holds in its own attributes; the others travel in Prompt.extra to reward functions.
 _ROW_FIELDS = ("prompt", "question", "prompt_id", "id", "data_source")
 

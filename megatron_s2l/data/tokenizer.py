@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, get_args
 
 import sentencepiece as spm
 
+from megatron_s2l.constants import DEMO_TOKENIZER_FILE, PromptTemplate
+
 BOS_ID, EOS_ID, PAD_ID, UNK_ID = 0, 1, 2, 3
 CHAT_SYMBOLS = ("<|im_start|>", "<|im_end|>", "\n")
-TOKENIZER_FILE = "s2l_tokenizer.model"
-TEMPLATES = ("chat", "qwen3-base", "qwen3-base-nothink", "raw")
+TEMPLATES = get_args(PromptTemplate)
 NOTHINK_SUFFIX = " /no_think"
 _NUM_BYTE_PIECES = 256
 
@@ -87,7 +88,7 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> Path:
         """Write the model into `directory` (e.g. a model dir) as s2l_tokenizer.model; return its path."""
-        path = Path(directory) / TOKENIZER_FILE
+        path = Path(directory) / DEMO_TOKENIZER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(self._proto)
         return path
@@ -95,7 +96,7 @@ class Tokenizer:
     @classmethod
     def load(cls, directory: str | Path) -> "Tokenizer":
         """Read the tokenizer saved by `save` from `directory`."""
-        path = Path(directory) / TOKENIZER_FILE
+        path = Path(directory) / DEMO_TOKENIZER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no megatron-s2l tokenizer here (write one with Tokenizer.save)")
         return cls(path.read_bytes())
@@ -139,7 +140,7 @@ class HFTokenizer:
 def load_tokenizer(directory: str | Path) -> PromptTokenizer:
     """The tokenizer of a model directory: the demo's sentencepiece model if saved there, else its HF tokenizer."""
     directory = Path(directory)
-    if (directory / TOKENIZER_FILE).is_file():
+    if (directory / DEMO_TOKENIZER_FILE).is_file():
         return Tokenizer.load(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: not a directory (expected a model or tokenizer directory)")

@@ -28,17 +28,18 @@ from megatron.core import dist_checkpointing
 
 from megatron_s2l.config import ConfigError, LayerSpec, ModelConfig, ParallelConfig
 from megatron_s2l.console import add_verbose_flag, exit_with_error
+from megatron_s2l.constants import DEMO_TOKENIZER_FILE
 from megatron_s2l.learner.checkpoint import checkpoint_dir, latest_step, load_checkpoint, save_checkpoint
 from megatron_s2l.learner.hf_config import model_config_from_hf
 from megatron_s2l.learner.hf_mapping import EMBEDDING, padded_vocab_size
 from megatron_s2l.learner.hf_weights import load_hf_weights, save_hf_dir
-from megatron_s2l.learner.safetensors_io import read_hf_state
 from megatron_s2l.learner.model import build_model, init_parallel, transformer_config
+from megatron_s2l.learner.safetensors_io import read_hf_state
 
 # Tokenizer files copied next to an exported model (whichever the tokenizer directory has).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-                   "s2l_tokenizer.model")  # the last: the CPU demo's sentencepiece tokenizer
+                   DEMO_TOKENIZER_FILE)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from megatron_s2l.algo.reward_pool import BUILTIN_MATH, check_function
 from megatron_s2l.config import RewardConfig, S2LConfig, raise_problems
+from megatron_s2l.constants import DEMO_TOKENIZER_FILE
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -99,9 +100,6 @@ def check_hf_checkpoint(path: str | Path, *, role: str = "explorer") -> Path:
             raise ValueError(f"{role} checkpoint {shard}: unreadable weights ({err}); the file is corrupt or "
                              f"truncated, copy it again") from None
     return root
-
-
-DEMO_TOKENIZER_FILE = "s2l_tokenizer.model"  # data.tokenizer.TOKENIZER_FILE (rollout may not import data)
 
 
 def has_tokenizer(path: str | Path) -> bool:

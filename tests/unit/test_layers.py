@@ -9,17 +9,18 @@ PACKAGE = Path(__file__).resolve().parents[2] / "megatron_s2l"
 
 # What each layer may import from the package, besides itself.
 ALLOWED = {
-    "config": set(),
+    "constants": set(),
+    "config": {"constants"},
     "types": set(),
-    "console": {"config"},
-    "algo": {"config", "types"},
-    "learner": {"config", "types", "console", "algo"},
-    "rollout": {"config", "types", "console", "algo"},
-    "data": {"config", "types", "algo"},
-    "evaluation": {"config", "types", "algo", "data", "rollout"},
-    "loop": {"config", "types", "console", "algo", "learner", "rollout", "data", "evaluation"},
-    "demo": {"config", "types", "console", "algo", "learner", "rollout", "data", "evaluation", "loop"},
-    "launch": {"config", "console"},
+    "console": {"constants", "config"},
+    "algo": {"constants", "types"},
+    "learner": {"constants", "config", "types", "console", "algo"},
+    "rollout": {"constants", "config", "types", "console", "algo"},
+    "data": {"constants", "config", "types", "algo"},
+    "evaluation": {"constants", "config", "types", "algo", "data", "rollout"},
+    "loop": {"constants", "config", "types", "console", "algo", "learner", "rollout", "data", "evaluation"},
+    "demo": {"constants", "config", "types", "console", "algo", "learner", "rollout", "data", "evaluation", "loop"},
+    "launch": {"constants", "config", "console"},
 }
 THIRD_PARTY_FORBIDDEN = {"algo": {"megatron", "vllm", "transformers"}, "learner": {"vllm"},
                          "data": {"megatron", "vllm"}}

@@ -3,7 +3,7 @@
 import pytest
 
 from megatron_s2l.data.task import TaskSpec, generate_problems
-from megatron_s2l.data.tokenizer import (TOKENIZER_FILE, HFTokenizer, Tokenizer, chatml, load_tokenizer,
+from megatron_s2l.data.tokenizer import (DEMO_TOKENIZER_FILE, HFTokenizer, Tokenizer, chatml, load_tokenizer,
                                          render_prompt, train_tokenizer)
 from tests.tiny_models import write_tiny_tokenizer
 
@@ -54,7 +54,7 @@ def test_chat_markers_are_single_tokens(tok):
 
 def test_save_load(tok, tmp_path):
     path = tok.save(tmp_path / "model")
-    assert path == tmp_path / "model" / TOKENIZER_FILE
+    assert path == tmp_path / "model" / DEMO_TOKENIZER_FILE
     loaded = load_tokenizer(tmp_path / "model")
     assert isinstance(loaded, Tokenizer) and loaded == tok
     assert loaded.encode(PROBLEMS[0].solution) == tok.encode(PROBLEMS[0].solution)
