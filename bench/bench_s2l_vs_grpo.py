@@ -115,14 +115,14 @@ def run_one(method: str, seed: int, steps: int, hot_temperature: float, override
     from megatron_s2l.data.tokenizer import load_tokenizer
     from megatron_s2l.demo import prepare_demo
     from megatron_s2l.learner.model import init_parallel
-    from megatron_s2l.loop import build_rollout_phase, check_config, resolve_models, train
+    from megatron_s2l.loop import build_rollout_phase, check_config, train
 
     cfg = S2LConfig.from_yaml(DEMO_CONFIG, [
         f"seed={seed}", f"train_steps={steps}", f"schedule.t_mix={max(1, steps // 2)}", "checkpoint.save_dir=null",
         "logging.tensorboard_dir=null", *METHODS[method], *overrides])
     if cfg.learner.hf_path is None:  # the cached demo family, built on first use
         cfg = prepare_demo(cfg)
-    cfg = resolve_models(check_config(cfg))
+    cfg = check_config(cfg)
     sampled = cfg
     if method == "grpo_hot":
         sampled = dataclasses.replace(cfg, learner_sampling=dataclasses.replace(cfg.learner_sampling,

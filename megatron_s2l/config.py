@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,12 @@ OnRewardError = Literal["raise", "zero"]
 
 @dataclass
 class ModelConfig:
-    """Architecture of a Qwen3/Llama-style GPT (used for the learner and, separately, the explorer)."""
+    """Architecture of a Qwen3/Llama-style GPT and how Megatron builds it.
+
+    Never a section of the YAML: the learner's is read from its checkpoint's config.json
+    (`learner.hf_config.model_config_from_hf`) with `LearnerConfig`'s build settings; the CPU demo writes
+    its family's in code.
+    """
 
     num_layers: int = 2
     hidden_size: int = 128
@@ -73,9 +79,9 @@ class ModelConfig:
     norm_epsilon: float = 1e-6
     qk_layernorm: bool = True  # Qwen3: RMSNorm on q and k per head; Llama: False
     tie_word_embeddings: bool = True
-    layer_spec: LayerSpec = "local"  # "te" needs Transformer Engine (GPU clusters)
-    params_dtype: ParamsDType = "float32"  # bfloat16: BF16 weights, fp32 main params in the optimizer (GPU)
-    hf_path: Optional[str] = None  # local HF directory to initialise from; never a hub id
+    layer_spec: LayerSpec = "local"  # see LearnerConfig
+    params_dtype: ParamsDType = "float32"  # see LearnerConfig
+    hf_path: Optional[str] = None  # the HF directory it was read from, if any
 
     def validate(self, at: str) -> list[str]:
         errors = _positive(self, at, "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -84,6 +90,26 @@ class ModelConfig:
             errors.append(f"{at}.num_query_groups={self.num_query_groups}: must divide "
                           f"{at}.num_attention_heads={self.num_attention_heads}")
         return errors
+
+
+# ModelConfig's architecture fields, each with the config.json key it is read from (`learner.hf_config`).
+# The learner's architecture is its checkpoint's, so the learner section refuses these keys.
+HF_CONFIG_KEYS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
+                  "ffn_hidden_size": "intermediate_size", "num_attention_heads": "num_attention_heads",
+                  "num_query_groups": "num_key_value_heads", "kv_channels": "head_dim", "vocab_size": "vocab_size",
+                  "max_position_embeddings": "max_position_embeddings", "rotary_base": "rope_theta",
+                  "norm_epsilon": "rms_norm_eps", "qk_layernorm": "model_type",
+                  "tie_word_embeddings": "tie_word_embeddings"}
+
+
+@dataclass
+class LearnerConfig:
+    """The model being trained: what only the user can say. Its architecture (layers, widths, heads,
+    vocabulary, rope, norms, tied embeddings) is read from hf_path's config.json, never written here."""
+
+    hf_path: Optional[str] = None  # local HF directory: weights, config.json, tokenizer; never a hub id
+    layer_spec: LayerSpec = "local"  # "te" needs Transformer Engine (GPU clusters)
+    params_dtype: ParamsDType = "float32"  # bfloat16: BF16 weights, fp32 main params in the optimizer (GPU)
 
 
 @dataclass
@@ -407,7 +433,7 @@ class S2LConfig:
     seed: int = 1234
     train_steps: int = 16
     prompts_per_step: int = 8
-    learner: ModelConfig = field(default_factory=ModelConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     learner_engine: EngineConfig = field(default_factory=EngineConfig)
     learner_sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -556,7 +582,9 @@ def _build(cls, data: Any, at: str, problems: list[str]):
     kwargs = {}
     for name, value in data.items():
         path = f"{at}.{name}" if at else str(name)
-        if name not in names:
+        if cls is LearnerConfig and name in HF_CONFIG_KEYS:
+            problems.append(_architecture_problem(path, value, data.get("hf_path")))
+        elif name not in names:
             what = "section" if not at else "key"
             problems.append(f"{path}: unknown {what}"
                             + (_close_match(str(name), names) or f"; accepted: {', '.join(names)}"))
@@ -568,6 +596,20 @@ def _build(cls, data: Any, at: str, problems: list[str]):
             except ConfigError as err:
                 problems.extend(err.problems)
     return cls(**kwargs)
+
+
+def _architecture_problem(at: str, value: Any, hf_path: Any) -> str:
+    """An architecture key in the learner section: it states what the checkpoint's config.json says."""
+    key = HF_CONFIG_KEYS[at.rsplit(".", 1)[1]]
+    config_json = Path(str(hf_path)) / "config.json"
+    there = ""
+    try:
+        hf = json.loads(config_json.read_text(encoding="utf-8"))
+        there = f", which has {key}={hf.get(key, (hf.get('rope_parameters') or {}).get(key))!r}"
+    except (OSError, ValueError, AttributeError):  # no readable config.json: the path checks report it
+        pass
+    source = config_json if hf_path else "the config.json in learner.hf_path"
+    return f"{at}={value!r}: the learner's architecture is read from {source}{there}; remove {at} from the config"
 
 
 def _close_match(name: str, options) -> str:

@@ -50,7 +50,7 @@ class TrainResult:
 
 def train(cfg: S2LConfig, rollout: RolloutHook | None = None) -> TrainResult:
     """Run S2L-PO per `cfg`; `rollout` replaces the default rollout phase (online/offline explorer + vLLM learner)."""
-    cfg = resolve_models(check_config(cfg))
+    cfg = check_config(cfg)
     tokenizer = load_tokenizer(cfg.learner.hf_path)
     scorer = reward_scorer(cfg.reward, tokenizer.decode)
     stream = PromptStream(prompts_from_config(cfg.data, tokenizer, "train").prompts, seed=cfg.data.seed)
@@ -58,7 +58,7 @@ def train(cfg: S2LConfig, rollout: RolloutHook | None = None) -> TrainResult:
     start = _resume(cfg, learner, stream)
     rollout = rollout or build_rollout_phase(cfg, tokenizer, scorer)
     if start > 1:  # the engine was started from the initial weights
-        rollout.sync_weights(export_hf_weights(learner.model_chunks, cfg.learner), changed=True)
+        rollout.sync_weights(export_hf_weights(learner.model_chunks, learner.model_config), changed=True)
     held_out = prompts_from_config(cfg.data, tokenizer, "eval").prompts if cfg.logging.eval_interval else []
     writer = _tensorboard(cfg)
     result = TrainResult(last_step=start - 1)
@@ -119,7 +119,7 @@ def train_step(cfg: S2LConfig, step: int, prompts: list[Prompt], rollout: Rollou
             phase["time/train"] = timer.lap()
             changed = trained["optimizer_steps"] > 0
         # lazy: the export starts only if the engine needs the weights (changed, or dropped while asleep)
-        rollout.sync_weights(export_hf_weights(learner.model_chunks, cfg.learner), changed=changed)
+        rollout.sync_weights(export_hf_weights(learner.model_chunks, learner.model_config), changed=changed)
         phase["time/refit"] = timer.lap()
         prefix = f"{sources[0]}_phase/" if len(phases) > 1 else ""
         metrics.update({prefix + k: float(v) for k, v in phase.items()})
@@ -157,19 +157,13 @@ def with_advantages(batch: TrainBatch, cfg: S2LConfig) -> tuple[TrainBatch, dict
     return (batch if keep.all() else batch.select(keep)), metrics
 
 
-def resolve_models(cfg: S2LConfig) -> S2LConfig:
-    """A checked `cfg` (`check_config`) with the learner's architecture read from its HF directory (the one
-    source of truth)."""
-    learner = dataclasses.replace(model_config_from_hf(cfg.learner.hf_path), layer_spec=cfg.learner.layer_spec,
-                                  params_dtype=cfg.learner.params_dtype,
-                                  hf_path=cfg.learner.hf_path)
-    return dataclasses.replace(cfg, learner=learner)
-
-
 def build_learner(cfg: S2LConfig) -> Learner:
-    """The Megatron learner of a resolved `cfg`, initialised from `learner.hf_path` (with its reference copy
-    when the loss has a KL term); it starts Megatron's process groups, so build it before the engines."""
-    learner = Learner(cfg.learner, cfg.parallel, cfg.optim, cfg.loss, cfg.fp8, seed=cfg.seed,
+    """The Megatron learner of `cfg`, its architecture read from `learner.hf_path`'s config.json and its weights
+    from the same directory (with a reference copy when the loss has a KL term); it starts Megatron's process
+    groups, so build it before the engines."""
+    model = dataclasses.replace(model_config_from_hf(cfg.learner.hf_path), layer_spec=cfg.learner.layer_spec,
+                                params_dtype=cfg.learner.params_dtype)
+    learner = Learner(model, cfg.parallel, cfg.optim, cfg.loss, cfg.fp8, seed=cfg.seed,
                       with_reference=cfg.loss.kl_coef > 0)
     learner.load_hf(read_hf_state(cfg.learner.hf_path))
     return learner

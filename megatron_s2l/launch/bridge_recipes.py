@@ -87,6 +87,10 @@ def bridge_config(cfg: S2LConfig) -> Any:
     provider.seq_length = cfg.data.max_prompt_length + cfg.learner_sampling.max_new_tokens
     provider.transformer_impl = "transformer_engine" if cfg.learner.layer_spec == "te" else "local"
     optim = cfg.optim
+    bf16 = cfg.learner.params_dtype == "bfloat16"  # Bridge's recipes, like the learner, keep fp32 main params
+    if cfg.fp8.enabled and not bf16:
+        raise ValueError("fp8.enabled=true with learner.params_dtype='float32': Bridge's FP8 recipes are BF16 "
+                         "mixed precision; set learner.params_dtype='bfloat16'")
     constant = optim.lr_decay_style == "constant"
     per_step = optimizer_steps_per_phase(cfg)  # Bridge counts intervals in optimizer steps, S2L in rollout steps
     return c.ConfigContainer(
@@ -95,7 +99,7 @@ def bridge_config(cfg: S2LConfig) -> Any:
                                global_batch_size=optim.mini_batch_prompts * cfg.schedule.group_size),
         optimizer=c.OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr,
                                     weight_decay=optim.weight_decay, adam_beta1=optim.adam_beta1,
-                                    adam_beta2=optim.adam_beta2, clip_grad=optim.clip_grad, bf16=True,
+                                    adam_beta2=optim.adam_beta2, clip_grad=optim.clip_grad, bf16=bf16,
                                     use_distributed_optimizer=cfg.parallel.use_distributed_optimizer),
         scheduler=c.SchedulerConfig(lr_decay_style=optim.lr_decay_style, lr_warmup_iters=optim.lr_warmup_steps,
                                     lr_decay_iters=None if constant else optim.lr_decay_steps,
@@ -111,7 +115,7 @@ def bridge_config(cfg: S2LConfig) -> Any:
                                       save_interval=cfg.checkpoint.save_interval * per_step or None,
                                       ckpt_format="torch_dist"),
         rng=c.RNGConfig(seed=cfg.seed),
-        mixed_precision=MIXED_PRECISION[cfg.fp8.recipe] if cfg.fp8.enabled else "bf16_mixed",
+        mixed_precision=(MIXED_PRECISION[cfg.fp8.recipe] if cfg.fp8.enabled else "bf16_mixed") if bf16 else None,
     )
 
 

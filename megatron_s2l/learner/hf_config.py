@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from megatron_s2l.config import ModelConfig
+from megatron_s2l.config import HF_CONFIG_KEYS, ModelConfig
 
 # model_type in config.json -> the architecture class name written back.
 HF_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
@@ -47,24 +47,24 @@ def model_config_from_dict(hf: Mapping, source: str = "config.json") -> ModelCon
     if missing:
         raise ValueError(f"{source}: missing field(s) {missing}; a {family} config.json needs {list(_REQUIRED)}")
     heads = hf["num_attention_heads"]
-    return ModelConfig(
-        num_layers=hf["num_hidden_layers"],
-        hidden_size=hf["hidden_size"],
-        ffn_hidden_size=hf["intermediate_size"],
-        num_attention_heads=heads,
+    cfg = ModelConfig(
+        **{name: hf[HF_CONFIG_KEYS[name]] for name in _AS_IS},
         num_query_groups=hf.get("num_key_value_heads") or heads,
         kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
-        vocab_size=hf["vocab_size"],
-        max_position_embeddings=hf["max_position_embeddings"],
         rotary_base=float(_rope(hf)[0]),
-        norm_epsilon=hf["rms_norm_eps"],
         qk_layernorm=family == "qwen3",
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
     )
+    problems = cfg.validate(source)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return cfg
 
 
-_REQUIRED = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size",
-             "max_position_embeddings", "rms_norm_eps")
+# ModelConfig fields that config.json states as they are (the others are derived or have defaults).
+_AS_IS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
+          "max_position_embeddings", "norm_epsilon")
+_REQUIRED = tuple(HF_CONFIG_KEYS[name] for name in _AS_IS)
 
 
 def _rope(hf: Mapping) -> tuple[float, str]:
@@ -95,15 +95,9 @@ def hf_config(cfg: ModelConfig, family: str | None = None) -> dict:
     config = {
         "architectures": [HF_ARCHITECTURES[family]],
         "model_type": family,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.ffn_hidden_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_attention_heads,
+        **{HF_CONFIG_KEYS[name]: getattr(cfg, name) for name in _AS_IS},
         "num_key_value_heads": cfg.num_query_groups,
         "head_dim": cfg.kv_channels,
-        "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.norm_epsilon,
         "rope_theta": cfg.rotary_base,
         "rope_scaling": None,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},

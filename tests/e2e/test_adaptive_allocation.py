@@ -34,9 +34,9 @@ class HalfNeverSolvedScorer(EvenTokenScorer):
 
 
 def _train(rank: int, world_size: int, cfg_dict: dict) -> list[dict]:
-    from megatron_s2l.loop import resolve_models, train
+    from megatron_s2l.loop import train
 
-    cfg = resolve_models(S2LConfig.from_dict(cfg_dict))
+    cfg = S2LConfig.from_dict(cfg_dict)
     return train(cfg, rollout=even_token_rollout(cfg, HalfNeverSolvedScorer())).history
 
 

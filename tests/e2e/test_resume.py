@@ -26,9 +26,9 @@ COMPARED = ("reward/mean", "reward/explorer", "reward/learner", "schedule/explor
 
 
 def _train(rank: int, world_size: int, cfg_dict: dict) -> tuple[list[dict], dict]:
-    from megatron_s2l.loop import resolve_models, train
+    from megatron_s2l.loop import train
 
-    cfg = resolve_models(S2LConfig.from_dict(cfg_dict))
+    cfg = S2LConfig.from_dict(cfg_dict)
     result = train(cfg, rollout=even_token_rollout(cfg))
     return result.history, result.initial_eval
 

@@ -63,7 +63,7 @@ class ScriptedLearner:
     """`train` takes the scripted number of optimizer steps; log-probs are zeros."""
 
     def __init__(self, steps_per_call):
-        self.steps_per_call, self.model_chunks = list(steps_per_call), []
+        self.steps_per_call, self.model_chunks, self.model_config = list(steps_per_call), [], None
 
     def logprobs(self, batch, reference=False):
         return torch.zeros(batch.tokens.shape[0], batch.tokens.shape[1] - 1)  # [B, L-1]

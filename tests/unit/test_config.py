@@ -170,3 +170,21 @@ def test_each_engine_must_hold_the_longest_prompt_plus_its_own_new_tokens():
             "explorer.sampling.max_new_tokens=33; raise it to 161") in message
     S2LConfig.from_dict({"data": {"max_prompt_length": 128}, "explorer": {  # an offline explorer has no engine
         "source": "offline", "cache_path": "c.jsonl", "engine": engine, "sampling": {"max_new_tokens": 33}}}, check_files=False).validate(check_files=False)
+
+
+def test_an_architecture_key_in_the_learner_section_names_the_checkpoint_and_its_value(tmp_path):
+    learner = tmp_path / "learner"
+    learner.mkdir()
+    (learner / "config.json").write_text(json.dumps({"model_type": "qwen3", "num_hidden_layers": 28,
+                                                     "rope_parameters": {"rope_theta": 1e6}}))
+    cfg, problems = S2LConfig.parse({"learner": {"hf_path": str(learner), "num_layers": 36, "rotary_base": 5e5,
+                                                 "params_dtype": "bfloat16"}})
+    assert problems == [
+        f"learner.num_layers=36: the learner's architecture is read from {learner}/config.json, which has "
+        f"num_hidden_layers=28; remove learner.num_layers from the config",
+        f"learner.rotary_base=500000.0: the learner's architecture is read from {learner}/config.json, which has "
+        f"rope_theta=1000000.0; remove learner.rotary_base from the config"]
+    assert (cfg.learner.hf_path, cfg.learner.params_dtype) == (str(learner), "bfloat16")  # the rest is kept
+    _, problems = S2LConfig.parse({"learner": {"qk_layernorm": False}})
+    assert problems == ["learner.qk_layernorm=False: the learner's architecture is read from the config.json in "
+                        "learner.hf_path; remove learner.qk_layernorm from the config"]

@@ -51,6 +51,7 @@ def test_paper_config_carries_the_papers_hyperparameters(name):
     assert cfg.learner_sampling.temperature == 1.0
     assert (cfg.explorer.sampling.temperature, cfg.explorer.sampling.top_p) == (0.7, 0.95)
     assert cfg.learner.layer_spec == "te" and not cfg.fp8.enabled
+    assert cfg.learner.params_dtype == "bfloat16"  # "8B in bf16", as the Bridge recipe builds it
     # Engines must hold prompt + response.
     assert cfg.learner_engine.max_model_len >= 512 + 4096 and cfg.explorer.engine.max_model_len >= 512 + 4096
     # 8x H100 nodes: tensor parallelism within a node.
