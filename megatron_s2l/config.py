@@ -60,7 +60,7 @@ OnRewardError = Literal["raise", "zero"]
 
 @dataclass
 class ModelConfig:
-    """Architecture of a Qwen3/Llama-style GPT and how Megatron builds it.
+    """Architecture of a Qwen3/Qwen2/Llama-style GPT and how Megatron builds it.
 
     Never a section of the YAML: the learner's is read from its checkpoint's config.json
     (`learner.hf_config.model_config_from_hf`) with `LearnerConfig`'s build settings; the CPU demo writes
@@ -77,7 +77,8 @@ class ModelConfig:
     max_position_embeddings: int = 512
     rotary_base: float = 1_000_000.0
     norm_epsilon: float = 1e-6
-    qk_layernorm: bool = True  # Qwen3: RMSNorm on q and k per head; Llama: False
+    qk_layernorm: bool = True  # Qwen3: RMSNorm on q and k per head; Qwen2, Llama: False
+    add_qkv_bias: bool = False  # Qwen2: biases on the q, k and v projections; Qwen3, Llama: False
     tie_word_embeddings: bool = True
     layer_spec: LayerSpec = "local"  # see LearnerConfig
     params_dtype: ParamsDType = "float32"  # see LearnerConfig
@@ -98,7 +99,7 @@ HF_CONFIG_KEYS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size
                   "ffn_hidden_size": "intermediate_size", "num_attention_heads": "num_attention_heads",
                   "num_query_groups": "num_key_value_heads", "kv_channels": "head_dim", "vocab_size": "vocab_size",
                   "max_position_embeddings": "max_position_embeddings", "rotary_base": "rope_theta",
-                  "norm_epsilon": "rms_norm_eps", "qk_layernorm": "model_type",
+                  "norm_epsilon": "rms_norm_eps", "qk_layernorm": "model_type", "add_qkv_bias": "model_type",
                   "tie_word_embeddings": "tie_word_embeddings"}
 
 

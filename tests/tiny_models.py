@@ -1,7 +1,7 @@
 """Tiny random Hugging Face checkpoints for tests and benchmarks, built from configs (never downloaded).
 
 `write_tiny_model(path, ...)` writes config.json, generation_config.json and model.safetensors of a
-Qwen3- or Llama-style causal LM with random weights, in float32. vLLM's CPU attention needs a head_dim
+Qwen3-, Qwen2- or Llama-style causal LM with random weights, in float32. vLLM's CPU attention needs a head_dim
 of 32, 64, 80, 96, 112, 128, ...; the defaults use 32. Engines load these directories with
 `skip_tokenizer_init` and token ids; `with_tokenizer=True` also writes a word-level tokenizer
 (token `t<i>` for id i, plus `<s>`, `</s>`, `<pad>`) for code that compares tokenizers.
@@ -15,6 +15,7 @@ import torch
 import transformers
 
 FAMILIES = {"qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
             "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
@@ -38,6 +39,10 @@ def write_tiny_model(path: str | Path, *, family: str = "qwen3", vocab_size: int
                         pad_token_id=2, torch_dtype="float32")
     torch.manual_seed(seed)
     model = model_cls(config).float().eval()
+    with torch.no_grad():  # transformers initialises biases (Qwen2's q/k/v) to zero: make them count
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(std=init_std)
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
     if with_tokenizer:

@@ -1,4 +1,4 @@
-"""Convert a local Hugging Face Qwen3/Llama model into a Megatron-Core distributed checkpoint.
+"""Convert a local Hugging Face Qwen3/Qwen2/Llama model into a Megatron-Core distributed checkpoint.
 
 The checkpoint is written directly at the chosen TP x PP layout (one process per model-parallel rank)
 as a model-only step-0 checkpoint that training resumes from (`checkpoint.load_dir`):

@@ -178,7 +178,7 @@ def cli_parser(prog: str, doc: str, *, layout_help: str) -> argparse.ArgumentPar
     parser.add_argument("--tp", type=int, default=1, help=f"tensor-parallel size {layout_help}")
     parser.add_argument("--pp", type=int, default=1, help=f"pipeline-parallel size {layout_help}")
     parser.add_argument("--backend", choices=["native", "bridge"], default="native",
-                        help="native: megatron-s2l's Qwen3/Llama mapping; bridge: Megatron-Bridge's AutoBridge "
+                        help="native: megatron-s2l's Qwen3/Qwen2/Llama mapping; bridge: Megatron-Bridge's AutoBridge "
                              "(GPU clusters, Bridge's own checkpoint layout)")
     add_verbose_flag(parser)
     return parser

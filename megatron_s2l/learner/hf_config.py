@@ -10,11 +10,11 @@ from pathlib import Path
 from megatron_s2l.config import HF_CONFIG_KEYS, ModelConfig
 
 # model_type in config.json -> the architecture class name written back.
-HF_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+HF_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
 def model_config_from_hf(path: str | Path) -> ModelConfig:
-    """ModelConfig of a local HF Qwen3 or Llama checkpoint (a directory with config.json, or the file).
+    """ModelConfig of a local HF Qwen3, Qwen2 or Llama checkpoint (a directory with config.json, or the file).
 
     Raises ValueError naming the file and field for architectures this mapping cannot represent.
     """
@@ -28,7 +28,7 @@ def model_config_from_hf(path: str | Path) -> ModelConfig:
 
 
 def model_config_from_dict(hf: Mapping, source: str = "config.json") -> ModelConfig:
-    """ModelConfig of the parsed config.json `hf` of a Qwen3 or Llama model; `source` names it in errors."""
+    """ModelConfig of the parsed config.json `hf` of a Qwen3, Qwen2 or Llama model; `source` names it in errors."""
     family = hf.get("model_type")
     if family not in HF_ARCHITECTURES:
         raise ValueError(f"{source}: model_type={family!r} (architectures={hf.get('architectures')}) is "
@@ -53,9 +53,13 @@ def model_config_from_dict(hf: Mapping, source: str = "config.json") -> ModelCon
         kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
         rotary_base=float(_rope(hf)[0]),
         qk_layernorm=family == "qwen3",
+        add_qkv_bias=family == "qwen2",
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
     )
     problems = cfg.validate(source)
+    if family == "qwen2" and cfg.kv_channels * heads != cfg.hidden_size:  # vLLM's Qwen2 ignores head_dim
+        problems.append(f"{source}: head_dim={cfg.kv_channels} is not hidden_size / num_attention_heads = "
+                        f"{cfg.hidden_size} / {heads}; Qwen2 models derive it, so vLLM would serve another model")
     if problems:
         raise ValueError("; ".join(problems))
     return cfg
@@ -76,8 +80,8 @@ def _rope(hf: Mapping) -> tuple[float, str]:
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """The HF family whose architecture `cfg` is: qk-layernorm means Qwen3, none means Llama."""
-    return "qwen3" if cfg.qk_layernorm else "llama"
+    """The HF family whose architecture `cfg` is: qk-layernorm means Qwen3, q/k/v biases Qwen2, neither Llama."""
+    return "qwen3" if cfg.qk_layernorm else "qwen2" if cfg.add_qkv_bias else "llama"
 
 
 def hf_config(cfg: ModelConfig, family: str | None = None) -> dict:
@@ -89,9 +93,10 @@ def hf_config(cfg: ModelConfig, family: str | None = None) -> dict:
     family = family or hf_family(cfg)
     if family not in HF_ARCHITECTURES:
         raise ValueError(f"family={family!r}: accepted values are {sorted(HF_ARCHITECTURES)}")
-    if cfg.qk_layernorm != (family == "qwen3"):
-        raise ValueError(f"family={family!r} does not match qk_layernorm={cfg.qk_layernorm}: Qwen3 has "
-                         f"q/k norms and Llama has none; pass family={hf_family(cfg)!r}")
+    if (cfg.qk_layernorm, cfg.add_qkv_bias) != (family == "qwen3", family == "qwen2"):
+        raise ValueError(f"family={family!r} does not match qk_layernorm={cfg.qk_layernorm}, add_qkv_bias="
+                         f"{cfg.add_qkv_bias}: Qwen3 has q/k norms, Qwen2 q/k/v biases and Llama neither; "
+                         f"pass family={hf_family(cfg)!r}")
     config = {
         "architectures": [HF_ARCHITECTURES[family]],
         "model_type": family,
@@ -103,9 +108,10 @@ def hf_config(cfg: ModelConfig, family: str | None = None) -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "hidden_act": "silu",
-        "attention_bias": False,
         "attention_dropout": 0.0,
     }
-    config.update({"use_sliding_window": False, "sliding_window": None} if family == "qwen3" else {"mlp_bias": False})
+    # Qwen2's q/k/v biases are implied by its model_type; Llama's attention_bias would add one to o_proj too
+    config.update({"use_sliding_window": False, "sliding_window": None} if family != "llama"
+                  else {"attention_bias": False, "mlp_bias": False})
     return config
 

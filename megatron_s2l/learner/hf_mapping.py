@@ -1,4 +1,4 @@
-"""The one name/shape mapping between Hugging Face Qwen3/Llama tensors and megatron-core's GPTModel.
+"""The one name/shape mapping between Hugging Face Qwen3/Qwen2/Llama tensors and megatron-core's GPTModel.
 
 Pure torch: which HF tensors make each megatron parameter, how they fuse, and how a fused tensor splits
 over tensor-parallel ranks. Checkpoint conversion (`learner.convert`) and the vLLM refit (`rollout.refit`)
@@ -39,6 +39,8 @@ _LAYER = {
     "input_layernorm.weight": (("input_layernorm.weight",), REPLICATED),
     "self_attention.linear_qkv.weight": (("self_attn.q_proj.weight", "self_attn.k_proj.weight",
                                           "self_attn.v_proj.weight"), QKV),
+    "self_attention.linear_qkv.bias": (("self_attn.q_proj.bias", "self_attn.k_proj.bias",
+                                        "self_attn.v_proj.bias"), QKV),
     "self_attention.q_layernorm.weight": (("self_attn.q_norm.weight",), REPLICATED),
     "self_attention.k_layernorm.weight": (("self_attn.k_norm.weight",), REPLICATED),
     "self_attention.linear_proj.weight": (("self_attn.o_proj.weight",), ROW),
@@ -47,6 +49,7 @@ _LAYER = {
     "mlp.linear_fc2.weight": (("mlp.down_proj.weight",), ROW),
 }
 _QK_NORMS = {"self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"}  # Qwen3 only
+_QKV_BIAS = "self_attention.linear_qkv.bias"  # Qwen2 only
 TE_NAMES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
              "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
 EMBEDDING, FINAL_NORM = "embedding.word_embeddings.weight", "decoder.final_layernorm.weight"
@@ -70,6 +73,7 @@ def weight_map(cfg: ModelConfig) -> list[WeightEntry]:
     shapes = {
         "input_layernorm.weight": ((hidden,),),
         "self_attention.linear_qkv.weight": ((q_rows, hidden), (kv_rows, hidden), (kv_rows, hidden)),
+        "self_attention.linear_qkv.bias": ((q_rows,), (kv_rows,), (kv_rows,)),
         "self_attention.q_layernorm.weight": ((d,),),
         "self_attention.k_layernorm.weight": ((d,),),
         "self_attention.linear_proj.weight": ((hidden, q_rows),),
@@ -80,7 +84,7 @@ def weight_map(cfg: ModelConfig) -> list[WeightEntry]:
     entries = [WeightEntry(EMBEDDING, ("model.embed_tokens.weight",), ((vocab, hidden),), VOCAB)]
     for layer in range(cfg.num_layers):
         for suffix, (hf_suffixes, layout) in _LAYER.items():
-            if suffix in _QK_NORMS and not cfg.qk_layernorm:
+            if (suffix in _QK_NORMS and not cfg.qk_layernorm) or (suffix == _QKV_BIAS and not cfg.add_qkv_bias):
                 continue
             name = TE_NAMES.get(suffix, suffix) if cfg.layer_spec == "te" else suffix
             entries.append(WeightEntry(f"decoder.layers.{layer}.{name}",
@@ -95,10 +99,10 @@ def weight_map(cfg: ModelConfig) -> list[WeightEntry]:
 def to_megatron(layout: str, hf: Sequence[torch.Tensor], num_query_groups: int) -> torch.Tensor:
     """Fuse the HF tensors of one entry into the full (unsharded) megatron tensor."""
     if layout == QKV:
-        q, k, v = hf  # [h*d, H], [G*d, H], [G*d, H]
-        hidden = q.shape[-1]
-        per_group = [t.reshape(num_query_groups, -1, hidden) for t in (q, k, v)]  # [G, rows/G, H] each
-        return torch.cat(per_group, dim=1).reshape(-1, hidden)  # [G*(h/G+2)*d, H]
+        q, k, v = hf  # [h*d, H], [G*d, H], [G*d, H] (biases: [h*d], [G*d], [G*d])
+        rest = q.shape[1:]  # (H,), or () for biases
+        per_group = [t.reshape(num_query_groups, -1, *rest) for t in (q, k, v)]  # [G, rows/G, H] each
+        return torch.cat(per_group, dim=1).reshape(-1, *rest)  # [G*(h/G+2)*d, H]
     if layout == FC1:
         return torch.cat(hf, dim=0)  # [2F, H]: gate then up
     (tensor,) = hf
@@ -108,12 +112,12 @@ def to_megatron(layout: str, hf: Sequence[torch.Tensor], num_query_groups: int) 
 def to_hf(layout: str, full: torch.Tensor, num_attention_heads: int, num_query_groups: int) -> tuple[torch.Tensor, ...]:
     """Split a full megatron tensor back into its HF tensors (the inverse of `to_megatron`)."""
     if layout == QKV:
-        hidden = full.shape[-1]
+        rest = full.shape[1:]  # (H,), or () for biases
         head_dim = full.shape[0] // (num_attention_heads + 2 * num_query_groups)
         q_rows = num_attention_heads // num_query_groups * head_dim
-        grouped = full.reshape(num_query_groups, q_rows + 2 * head_dim, hidden)  # [G, (h/G+2)*d, H]
+        grouped = full.reshape(num_query_groups, q_rows + 2 * head_dim, *rest)  # [G, (h/G+2)*d, H]
         q, k, v = grouped.split([q_rows, head_dim, head_dim], dim=1)
-        return tuple(t.reshape(-1, hidden) for t in (q, k, v))  # [h*d, H], [G*d, H], [G*d, H]
+        return tuple(t.reshape(-1, *rest) for t in (q, k, v))  # [h*d, H], [G*d, H], [G*d, H]
     if layout == FC1:
         return tuple(full.chunk(2, dim=0))  # gate [F, H], up [F, H]
     return (full,)

@@ -58,7 +58,8 @@ def _check_model(params: Mapping[str, torch.nn.Parameter], entries: Mapping[str,
     unknown, missing = sorted(set(params) - expected), sorted(expected - set(params))
     if unknown or missing:
         raise ValueError(f"the Megatron model does not match the config (layer_spec={cfg.layer_spec!r}, "
-                         f"qk_layernorm={cfg.qk_layernorm}, tie_word_embeddings={cfg.tie_word_embeddings}): "
+                         f"qk_layernorm={cfg.qk_layernorm}, add_qkv_bias={cfg.add_qkv_bias}, "
+                         f"tie_word_embeddings={cfg.tie_word_embeddings}): "
                          f"unexpected parameters {unknown[:6]}, missing parameters {missing[:6]}; build the "
                          f"model from the same ModelConfig")
 

@@ -1,4 +1,4 @@
-"""The learner model: Megatron-Core parallel state and a Qwen3/Llama-style `GPTModel` built from config.
+"""The learner model: Megatron-Core parallel state and a Qwen3/Qwen2/Llama-style `GPTModel` built from config.
 
 `init_parallel` sets up tensor/pipeline/data parallel groups (gloo on CPU, NCCL on GPU) once per
 process; `build_model` returns this rank's pipeline stage of the model. The local (pure megatron-core)
@@ -59,7 +59,7 @@ def init_parallel(parallel: ParallelConfig, seed: int) -> None:
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, fp8: FP8Config | None = None, *,
                        params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
-    """The megatron-core TransformerConfig of a Qwen3/Llama-style decoder (RMSNorm, SwiGLU, GQA, RoPE)."""
+    """The megatron-core TransformerConfig of a Qwen3/Qwen2/Llama-style decoder (RMSNorm, SwiGLU, GQA, RoPE)."""
     if model.num_layers % parallel.pipeline_model_parallel_size:
         raise ValueError(f"learner.num_layers={model.num_layers} must be divisible by "
                          f"parallel.pipeline_model_parallel_size={parallel.pipeline_model_parallel_size}")
@@ -73,10 +73,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, fp8: FP8Con
         layernorm_epsilon=model.norm_epsilon,
         normalization="RMSNorm",
         qk_layernorm=model.qk_layernorm,
+        add_qkv_bias=model.add_qkv_bias,
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_activation_fusion=False,

@@ -109,6 +109,25 @@ def test_tied_llama_to_tp1_and_back_at_tp2_in_shards(tmp_path):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.distributed
+def test_qwen2_with_qkv_biases_to_tp2_and_back(tmp_path):
+    import transformers
+
+    src = write_tiny_model(tmp_path / "src", family="qwen2", tie_word_embeddings=False, init_std=0.1)
+    _run(TO_MEGATRON, "--hf-dir", str(src), "--save-dir", str(tmp_path / "ckpt"), "--tp", "2", nproc=2)
+    _run(TO_HF, "--load-dir", str(tmp_path / "ckpt"), "--save-dir", str(tmp_path / "back"))
+
+    back = tmp_path / "back"
+    assert read_hf_state(back)["model.layers.1.self_attn.k_proj.bias"].abs().sum() > 0  # random biases survive
+    _assert_same_weights(back, src)
+    _assert_same_config(back, src)
+    tokens = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = transformers.AutoModelForCausalLM.from_pretrained(back).eval()(tokens).logits
+        expected = transformers.AutoModelForCausalLM.from_pretrained(src).eval()(tokens).logits
+    assert torch.equal(got, expected)
+
+
 def _embedding_rows(ckpt: Path) -> int:
     """The embedding's global row count in the latest checkpoint under `ckpt` (its tensor metadata)."""
     from megatron.core import dist_checkpointing

@@ -1,7 +1,7 @@
 """HF -> Megatron logits and HF -> Megatron -> HF weights at TP=1, TP=2 and PP=2, against HF transformers.
 
-Four tiny random models (Qwen3 and Llama, tied and untied embeddings, GQA with 4 query heads over 2
-key/value groups) are loaded with `load_hf_weights` on real gloo ranks; the Megatron logits must equal
+Six tiny random models (Qwen3, Qwen2 with random q/k/v biases and Llama, tied and untied embeddings, GQA
+with 4 query heads over 2 key/value groups) are loaded with `load_hf_weights` on real gloo ranks; the Megatron logits must equal
 the HF transformers forward (fp32, 1e-5) and `export_hf_weights` must give back every HF tensor
 bit-identical, on every rank.
 """
@@ -11,7 +11,7 @@ import torch
 
 from tests.multiprocess import run_ranks
 
-MODELS = [("qwen3", True), ("qwen3", False), ("llama", True), ("llama", False)]
+MODELS = [("qwen3", True), ("qwen3", False), ("qwen2", True), ("qwen2", False), ("llama", True), ("llama", False)]
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]  # (TP, PP) on 2 ranks; TP=1 x PP=1 runs data-parallel
 BATCH, SEQ = 2, 12
 

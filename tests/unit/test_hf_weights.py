@@ -76,8 +76,36 @@ def test_missing_config_field_and_family_mismatch(tiny):
     del hf["vocab_size"]
     with pytest.raises(ValueError, match=r"missing field\(s\) \['vocab_size'\]"):
         model_config_from_dict(hf)
-    with pytest.raises(ValueError, match="Llama has none"):
+    with pytest.raises(ValueError, match="Llama neither; pass family='qwen3'"):
         hf_config(ModelConfig(qk_layernorm=True), "llama")
+    with pytest.raises(ValueError, match="Qwen2 q/k/v biases and Llama neither; pass family='qwen2'"):
+        hf_config(ModelConfig(qk_layernorm=False, add_qkv_bias=True), "qwen3")
+
+
+def test_qwen2_reads_as_qkv_biases_without_qk_norms(tmp_path):
+    path = write_tiny_model(tmp_path / "qwen2", family="qwen2", tie_word_embeddings=False)
+    cfg = model_config_from_hf(path)
+    assert (cfg.add_qkv_bias, cfg.qk_layernorm, cfg.tie_word_embeddings, cfg.kv_channels) == (True, False, False, 32)
+    biases = [e for e in weight_map(cfg) if e.megatron.endswith("linear_qkv.bias")]
+    assert [(e.megatron, e.hf, e.hf_shapes) for e in biases[:1]] == [(
+        "decoder.layers.0.self_attention.linear_qkv.bias",
+        ("model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.k_proj.bias",
+         "model.layers.0.self_attn.v_proj.bias"), ((128,), (64,), (64,)))]
+    assert len(biases) == 2 and not any("layernorm" in e.megatron and "self_attention" in e.megatron
+                                        for e in weight_map(cfg))
+    check_hf_state(cfg, read_hf_state(path))  # every tensor the checkpoint has, and no other
+    hf = json.loads((path / "config.json").read_text()) | {"head_dim": 64}
+    with pytest.raises(ValueError, match="head_dim=64 is not hidden_size / num_attention_heads = 128 / 4"):
+        model_config_from_dict(hf)
+    assert model_config_from_dict(hf_config(cfg)) == dataclasses.replace(cfg, hf_path=None)
+
+
+def test_qkv_biases_are_interleaved_per_query_group_like_the_weights():
+    q, k, v = torch.tensor([0., 0, 1, 1, 2, 2, 3, 3]), torch.tensor([10., 10, 11, 11]), torch.tensor([20., 20, 21, 21])
+    fused = to_megatron(QKV, [q, k, v], num_query_groups=2)  # head_dim 2: 4 query heads, 2 groups
+    assert fused[::2].tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
+    assert shard(QKV, fused, 1, 2)[::2].tolist() == [2, 3, 11, 21]
+    assert all(torch.equal(a, b) for a, b in zip(to_hf(QKV, fused, 4, 2), (q, k, v)))
 
 
 def test_qkv_is_interleaved_per_query_group():
