@@ -163,12 +163,11 @@ def blind_spot_prompts(out: Path, min_wraps: int, num_eval: int) -> list[str]:
     blind spot: its training prompts filtered, and `num_eval` new held-out problems, none of them seen in
     the family's pretraining (written as JSONL under `out`)."""
     from megatron_s2l.config import S2LConfig
-    from megatron_s2l.data.prompts import task_spec
     from megatron_s2l.data.task import generate_problems, task_splits, wrap_count, write_jsonl
 
     data = S2LConfig.from_yaml(DEMO_CONFIG).data
-    spec = task_spec(data)
-    train, held_out = task_splits(data.task_num_train, data.task_num_eval, spec, seed=data.seed)
+    spec = data.task
+    train, held_out = task_splits(spec, seed=data.seed)
     fresh = generate_problems(20 * num_eval, spec, seed=data.seed + 2, prefix="blind",
                               exclude=[p.question for p in train + held_out])
     hard_eval = [p for p in fresh if wrap_count(p, spec.modulus) >= min_wraps][:num_eval]

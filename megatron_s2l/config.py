@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from megatron_s2l.constants import (AdvantageNorm, GroupMode, ImportanceCorrection, KLType, LossAggregation,
-                                    OnBadPrompt, PromptTemplate, ScheduleKind)
+                                    OnBadPrompt, PromptTemplate, ScheduleKind, TASK_OPS)
 
 
 class ConfigError(ValueError):
@@ -364,9 +364,37 @@ class FP8Config:
         return []
 
 
+@dataclass(frozen=True)
+class TaskConfig:
+    """The synthetic demo task (`data.task`): chains of arithmetic mod `modulus`, their difficulty and splits."""
+
+    modulus: int = 10  # every result is reduced modulo this; a random guess is right 1/modulus of the time
+    min_ops: int = 3  # fewest operations in a chain
+    max_ops: int = 5  # most operations in a chain (longer chains compound per-step errors)
+    ops: str = "+-"  # the operations a chain draws from, a selection of "+-*"
+    max_addend: int = 3  # addends and subtrahends are drawn from 1..max_addend (small steps learn fast on CPU)
+    mul_max: int = 9  # multipliers are drawn from 2..mul_max (when ops has "*")
+    num_train: int = 20000  # training problems (pretraining texts and RL prompts)
+    num_eval: int = 200  # held-out problems, disjoint from training
+
+    def validate(self, at: str) -> list[str]:
+        errors = _positive(self, at, "num_train", "num_eval")
+        if self.modulus < 2:
+            errors.append(f"{at}.modulus={self.modulus}: must be >= 2 (10 for single digits)")
+        if not 1 <= self.min_ops <= self.max_ops:
+            errors.append(f"{at}.min_ops={self.min_ops}, {at}.max_ops={self.max_ops}: need 1 <= min_ops <= max_ops")
+        if self.mul_max < 2:
+            errors.append(f"{at}.mul_max={self.mul_max}: must be >= 2")
+        if self.max_addend < 1:
+            errors.append(f"{at}.max_addend={self.max_addend}: must be >= 1")
+        if not self.ops or set(self.ops) - set(TASK_OPS):
+            errors.append(f"{at}.ops={self.ops!r}: must be a non-empty selection of {TASK_OPS!r}")
+        return errors
+
+
 @dataclass
 class DataConfig:
-    """Prompt files (data.prompts) or the synthetic demo task (data.task)."""
+    """Prompt files (train_path, eval_path) or the synthetic demo task (task)."""
 
     train_path: Optional[str] = None  # JSONL or verl-style Parquet; None: the synthetic demo task
     eval_path: Optional[str] = None  # held-out prompts; None: the demo task's held-out split
@@ -376,29 +404,10 @@ class DataConfig:
     max_prompt_length: int = 128  # tokens after the template; longer prompts are bad rows
     on_bad_prompt: OnBadPrompt = "error"  # error: stop with file and line; drop: skip and count
     seed: int = 0  # prompt order (epoch shuffles) and the demo task's problems
-    task_modulus: int = 10  # demo task: results are reduced modulo this (answers 0..modulus-1)
-    task_min_ops: int = 3  # demo task: fewest operations per chain
-    task_max_ops: int = 5  # demo task: most operations per chain (the difficulty knob)
-    task_ops: str = "+-"  # demo task: the operations chains draw from, a selection of "+-*"
-    task_max_addend: int = 3  # demo task: largest addend/subtrahend (small steps learn fast on CPU)
-    task_mul_max: int = 9  # demo task: largest multiplier (when task_ops has "*")
-    task_num_train: int = 20000  # demo task: training problems (pretraining texts and RL prompts)
-    task_num_eval: int = 200  # demo task: held-out problems, disjoint from training
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def validate(self, at: str) -> list[str]:
-        errors = _positive(self, at, "max_prompt_length", "task_num_train", "task_num_eval")
-        if self.task_modulus < 2:
-            errors.append(f"{at}.task_modulus={self.task_modulus}: must be >= 2 (10 for single digits)")
-        if not 1 <= self.task_min_ops <= self.task_max_ops:
-            errors.append(f"{at}.task_min_ops={self.task_min_ops}, task_max_ops={self.task_max_ops}: need "
-                          f"1 <= task_min_ops <= task_max_ops")
-        if self.task_mul_max < 2:
-            errors.append(f"{at}.task_mul_max={self.task_mul_max}: must be >= 2")
-        if self.task_max_addend < 1:
-            errors.append(f"{at}.task_max_addend={self.task_max_addend}: must be >= 1")
-        if not self.task_ops or set(self.task_ops) - set("+-*"):
-            errors.append(f"{at}.task_ops={self.task_ops!r}: must be a non-empty selection of '+-*'")
-        return errors
+        return _positive(self, at, "max_prompt_length") + self.task.validate(f"{at}.task")
 
 
 @dataclass

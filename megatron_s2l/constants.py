@@ -21,3 +21,4 @@ OnBadPrompt = Literal["error", "drop"]
 PromptTemplate = Literal["chat", "qwen3-base", "qwen3-base-nothink", "raw"]
 
 DEMO_TOKENIZER_FILE = "s2l_tokenizer.model"  # the CPU demo's sentencepiece model, inside a model directory
+TASK_OPS = "+-*"  # the operations the demo task's chains may use

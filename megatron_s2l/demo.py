@@ -37,13 +37,13 @@ from tqdm import tqdm
 
 from megatron_s2l import console
 from megatron_s2l.config import (DataConfig, EngineConfig, FP8Config, LossConfig, ModelConfig, OptimConfig,
-                                  ParallelConfig, S2LConfig, SamplingConfig)
+                                  ParallelConfig, S2LConfig, SamplingConfig, TaskConfig)
 
 if __name__ == "__main__":  # the family build prepare_demo starts: quiet before Megatron and vLLM are imported
     console.setup_from_argv()
 
-from megatron_s2l.constants import DEMO_TOKENIZER_FILE  # noqa: E402
-from megatron_s2l.data.prompts import task_prompts, task_spec  # noqa: E402
+from megatron_s2l.constants import DEMO_TOKENIZER_FILE, PromptTemplate  # noqa: E402
+from megatron_s2l.data.prompts import task_prompts  # noqa: E402
 from megatron_s2l.data.task import Tutor, pretraining_examples, task_splits  # noqa: E402
 from megatron_s2l.data.tokenizer import Tokenizer, render_prompt, train_tokenizer  # noqa: E402
 from megatron_s2l.evaluation.passk_eval import evaluate, write_comparison  # noqa: E402
@@ -75,7 +75,9 @@ class Member:
 class FamilySpec:
     """Everything that defines the demo family; its hash names the cache directory."""
 
-    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    seed: int = 0  # draws the task's problems (data.seed)
+    prompt_template: PromptTemplate = "chat"  # how questions are rendered in pretraining and evaluation
     explorer: Member = field(default_factory=lambda: Member(_size(2, 128, 4, 2), steps=400, lr=2e-3, seed=1,
                                                             tutor=Tutor(slip_rate=0.35)))
     learner: Member = field(default_factory=lambda: Member(_size(4, 256, 8, 4), steps=300, lr=2e-3, seed=2,
@@ -87,11 +89,17 @@ class FamilySpec:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
     @classmethod
+    def of(cls, data: DataConfig) -> "FamilySpec":
+        """The family trained on the task `data` describes (its other fields, such as the prompt files, do not
+        shape the family and leave its cache key alone)."""
+        return cls(task=data.task, seed=data.seed, prompt_template=data.prompt_template)
+
+    @classmethod
     def from_dict(cls, spec: dict) -> "FamilySpec":
         members = {name: Member(**dict(spec[name], model=ModelConfig(**spec[name]["model"]),
                                        tutor=Tutor(**spec[name]["tutor"])))
                    for name in ("explorer", "learner")}
-        return cls(**dict(spec, data=DataConfig(**spec["data"]), **members))
+        return cls(**dict(spec, task=TaskConfig(**spec["task"]), **members))
 
 
 def family_dir(spec: FamilySpec, root: Path = FAMILY_ROOT) -> Path:
@@ -106,19 +114,19 @@ def build_family(spec: FamilySpec, out: Path) -> Path:
     """
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    task = task_spec(spec.data)
-    train, _ = task_splits(spec.data.task_num_train, spec.data.task_num_eval, task, seed=spec.data.seed)
+    train, _ = task_splits(spec.task, seed=spec.seed)
     if not (out / DEMO_TOKENIZER_FILE).exists():
-        train_tokenizer((p.question + " " + p.solution for p in train), vocab_size=spec.learner.model.vocab_size).save(out)
+        texts = (p.question + " " + p.solution for p in train)
+        train_tokenizer(texts, vocab_size=spec.learner.model.vocab_size).save(out)
     tokenizer = Tokenizer.load(out)
 
     def render(question: str) -> str:
-        return render_prompt([{"role": "user", "content": question}], spec.data.prompt_template, tokenizer)
+        return render_prompt([{"role": "user", "content": question}], spec.prompt_template, tokenizer)
 
     for name, member in (("explorer", spec.explorer), ("learner", spec.learner)):
         if (out / name).exists():
             continue
-        examples = pretraining_examples(train, tokenizer, render, modulus=task.modulus, tutor=member.tutor,
+        examples = pretraining_examples(train, tokenizer, render, modulus=spec.task.modulus, tutor=member.tutor,
                                         seed=member.seed)
         learner, loss = pretrain(member, examples, spec.batch_size, tokenizer.pad_id, desc=f"pretrain {name}")
         partial = out / f"{name}.partial"
@@ -139,9 +147,8 @@ def build_family(spec: FamilySpec, out: Path) -> Path:
 def family_passk(spec: FamilySpec, out: Path, tokenizer: Tokenizer) -> dict[str, dict]:
     """pass@1..k of both models on the held-out split, sampled as the explorer samples during training;
     writes passk/compare.{json,md,png} (the figure behind the method) and returns the results."""
-    _, held_out = task_splits(spec.data.task_num_train, spec.data.task_num_eval, task_spec(spec.data),
-                              seed=spec.data.seed)
-    benchmark = {"held_out": task_prompts(held_out, tokenizer, template=spec.data.prompt_template)}
+    _, held_out = task_splits(spec.task, seed=spec.seed)
+    benchmark = {"held_out": task_prompts(held_out, tokenizer, template=spec.prompt_template)}
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=48)
     engine = EngineConfig(max_model_len=160, kv_cache_memory_bytes=64 * 2**20, dtype="float32")
     results = {}
@@ -190,7 +197,7 @@ def prepare_demo(cfg: S2LConfig, spec: FamilySpec | None = None, timeout_s: floa
     Under torchrun the first rank builds it in a clean single-process child (Megatron's groups of the
     training job are not set up yet) while the others wait for it.
     """
-    spec = spec or FamilySpec(data=cfg.data)
+    spec = spec or FamilySpec.of(cfg.data)
     out = family_dir(spec)
     if (out / DONE).exists():
         console.say(f"demo family: {out} (cached; pass@k curves in {out / 'passk' / 'compare.md'})")

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator, Sequence, get_args
 
 from megatron_s2l.config import ConfigError, DataConfig
 from megatron_s2l.constants import OnBadPrompt
-from megatron_s2l.data.task import DATA_SOURCE, Problem, TaskSpec, task_splits
+from megatron_s2l.data.task import DATA_SOURCE, Problem, task_splits
 from megatron_s2l.data.tokenizer import PromptTokenizer, render_prompt
 from megatron_s2l.types import Prompt
 
@@ -208,12 +208,6 @@ def task_prompts(problems: Iterable[Problem], tokenizer: PromptTokenizer, *, tem
     return prompts
 
 
-def task_spec(data: DataConfig) -> TaskSpec:
-    """The demo task `data.task_*` describes."""
-    return TaskSpec(modulus=data.task_modulus, min_ops=data.task_min_ops, max_ops=data.task_max_ops,
-                    ops=data.task_ops, max_addend=data.task_max_addend, mul_max=data.task_mul_max)
-
-
 def prompts_from_config(data: DataConfig, tokenizer: PromptTokenizer, split: str) -> LoadedPrompts:
     """The train or eval prompts the config names: a file (`data.train_path`/`eval_path`) or the demo task."""
     if split not in ("train", "eval"):
@@ -222,7 +216,7 @@ def prompts_from_config(data: DataConfig, tokenizer: PromptTokenizer, split: str
     if path is not None:
         return load_prompts(path, tokenizer, template=data.prompt_template,
                             max_prompt_length=data.max_prompt_length, on_bad_prompt=data.on_bad_prompt)
-    train, held_out = task_splits(data.task_num_train, data.task_num_eval, task_spec(data), seed=data.seed)
+    train, held_out = task_splits(data.task, seed=data.seed)
     return LoadedPrompts(task_prompts(train if split == "train" else held_out, tokenizer,
                                       template=data.prompt_template))
 

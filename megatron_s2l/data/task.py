@@ -27,37 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
-OPS = ("+", "-", "*")
+from megatron_s2l.config import TaskConfig
+from megatron_s2l.constants import TASK_OPS
+
 DATA_SOURCE = "s2l_arith"
 
 
-@dataclass(frozen=True)
-class TaskSpec:
-    """Difficulty of the arithmetic chains."""
-
-    modulus: int = 10  # every result is reduced modulo this; a random guess is right 1/modulus of the time
-    min_ops: int = 3  # fewest operations in a chain
-    max_ops: int = 5  # most operations in a chain (longer chains compound per-step errors)
-    mul_max: int = 9  # multipliers are drawn from 2..mul_max
-    max_addend: int = 3  # addends and subtrahends are drawn from 1..max_addend (at most modulus-1)
-    ops: str = "+-"  # the operations a chain draws from, a selection of "+-*"
-
-    def __post_init__(self):
-        if self.modulus < 2:
-            raise ValueError(f"TaskSpec.modulus={self.modulus}: must be >= 2 (10 for single digits)")
-        if not 1 <= self.min_ops <= self.max_ops:
-            raise ValueError(f"TaskSpec.min_ops={self.min_ops}, max_ops={self.max_ops}: need "
-                             f"1 <= min_ops <= max_ops")
-        if self.mul_max < 2:
-            raise ValueError(f"TaskSpec.mul_max={self.mul_max}: must be >= 2")
-        if self.max_addend < 1:
-            raise ValueError(f"TaskSpec.max_addend={self.max_addend}: must be >= 1")
-        if not self.ops or set(self.ops) - set(OPS):
-            raise ValueError(f"TaskSpec.ops={self.ops!r}: must be a non-empty selection of {''.join(OPS)!r}")
-
-    @property
-    def instruction(self) -> str:
-        return f"Compute left to right mod {self.modulus}:"
+def instruction(spec: TaskConfig) -> str:
+    return f"Compute left to right mod {spec.modulus}:"
 
 
 @dataclass(frozen=True)
@@ -100,16 +77,17 @@ class TextEncoder(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
 
-def make_problem(rng: random.Random, spec: TaskSpec, problem_id: str) -> Problem:
+def make_problem(rng: random.Random, spec: TaskConfig, problem_id: str) -> Problem:
     """Draw one problem from `rng` (the only source of randomness) and solve it step by step."""
     start = rng.randrange(spec.modulus)
     chain = []
     for _ in range(rng.randint(spec.min_ops, spec.max_ops)):
         op = rng.choice(spec.ops)
-        chain.append((op, rng.randint(2, spec.mul_max) if op == "*" else rng.randint(1, min(spec.max_addend, spec.modulus - 1))))
+        operand = rng.randint(2, spec.mul_max) if op == "*" else rng.randint(1, min(spec.max_addend, spec.modulus - 1))
+        chain.append((op, operand))
     solution, answer = worked_solution(start, chain, spec.modulus)
     expression = str(start) + "".join(f"{op}{operand}" for op, operand in chain)
-    return Problem(problem_id=problem_id, question=f"{spec.instruction} {expression}", answer=answer,
+    return Problem(problem_id=problem_id, question=f"{instruction(spec)} {expression}", answer=answer,
                    solution=solution, start=start, chain=tuple(chain))
 
 
@@ -156,15 +134,17 @@ def apply_op(value: int, op: str, operand: int, modulus: int) -> int:
         return (value - operand) % modulus
     if op == "*":
         return (value * operand) % modulus
-    raise ValueError(f"unknown operation {op!r}; accepted: {list(OPS)}")
+    raise ValueError(f"unknown operation {op!r}; accepted: {list(TASK_OPS)}")
 
 
-def generate_problems(count: int, spec: TaskSpec, *, seed: int, prefix: str = "arith",
+def generate_problems(count: int, spec: TaskConfig, *, seed: int, prefix: str = "arith",
                       exclude: Iterable[str] = ()) -> list[Problem]:
     """`count` distinct problems drawn deterministically from `seed`, none whose question is in `exclude`.
 
-    Raises ValueError when the spec cannot yield that many distinct questions.
+    Raises ValueError when the spec is invalid or cannot yield that many distinct questions.
     """
+    if errors := spec.validate("task"):
+        raise ValueError("; ".join(errors))
     rng = random.Random(seed)
     seen = set(exclude)
     problems: list[Problem] = []
@@ -172,7 +152,7 @@ def generate_problems(count: int, spec: TaskSpec, *, seed: int, prefix: str = "a
     while len(problems) < count:
         attempts += 1
         if attempts > 20 * count + 1000:
-            raise ValueError(f"TaskSpec {spec} yields too few distinct questions for count={count} (found "
+            raise ValueError(f"{spec} yields too few distinct questions for count={count} (found "
                              f"{len(problems)}): raise max_ops or modulus, or ask for fewer problems")
         problem = make_problem(rng, spec, f"{prefix}-{len(problems)}")
         if problem.question not in seen:
@@ -181,10 +161,10 @@ def generate_problems(count: int, spec: TaskSpec, *, seed: int, prefix: str = "a
     return problems
 
 
-def task_splits(num_train: int, num_eval: int, spec: TaskSpec, *, seed: int) -> tuple[list[Problem], list[Problem]]:
+def task_splits(spec: TaskConfig, *, seed: int) -> tuple[list[Problem], list[Problem]]:
     """Disjoint (train, held-out) problem lists: the held-out set is drawn first, train excludes its questions."""
-    held_out = generate_problems(num_eval, spec, seed=seed, prefix="eval")
-    train = generate_problems(num_train, spec, seed=seed + 1, prefix="train",
+    held_out = generate_problems(spec.num_eval, spec, seed=seed, prefix="eval")
+    train = generate_problems(spec.num_train, spec, seed=seed + 1, prefix="train",
                               exclude=(p.question for p in held_out))
     return train, held_out
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_s2l.config import S2LConfig
-from megatron_s2l.data.task import TaskSpec, task_splits
+from megatron_s2l.config import S2LConfig, TaskConfig
+from megatron_s2l.data.task import task_splits
 from megatron_s2l.data.tokenizer import load_tokenizer, train_tokenizer
 from megatron_s2l.rollout.colocation import Colocation
 from megatron_s2l.rollout.mixer import S2LMixer, Scorer
@@ -38,7 +38,7 @@ NUM_TRAIN, NUM_EVAL = 64, 8  # demo-task problems: tokenizer corpus and training
 def tiny_family(tmp_path_factory) -> dict[str, Path]:
     """{"learner": dir, "explorer": dir}: random tiny Qwen3 models sharing a demo-task tokenizer."""
     out = tmp_path_factory.mktemp("family")
-    train, _ = task_splits(NUM_TRAIN, NUM_EVAL, TaskSpec(), seed=0)
+    train, _ = task_splits(TaskConfig(num_train=NUM_TRAIN, num_eval=NUM_EVAL), seed=0)
     tokenizer = train_tokenizer((p.question + " " + p.solution for p in train), vocab_size=512)
     dirs = {"learner": write_tiny_model(out / "learner", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                                         seed=1),
@@ -62,7 +62,7 @@ def tiny_config(family: dict[str, Path], **sections) -> dict:
         "schedule": {"group_size": 4, "t_mix": 3, "group_mode": "combined"},
         "loss": {"kl_coef": 0.1},
         "optim": {"lr": 1e-3, "mini_batch_prompts": 2, "micro_batch_size": 8},
-        "data": {"task_num_train": NUM_TRAIN, "task_num_eval": NUM_EVAL, "max_prompt_length": 96},
+        "data": {"task": {"num_train": NUM_TRAIN, "num_eval": NUM_EVAL}, "max_prompt_length": 96},
     }
     return base | sections
 

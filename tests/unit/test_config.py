@@ -32,8 +32,9 @@ def test_defaults_with_an_explorer_path_validate():
     ("loss", {"dual_clip": 0.5}, "loss.dual_clip=0.5: must be > 1 or null"),
     ("sampling_top_p", None, "learner_sampling.top_p=1.5: must be in (0, 1]"),
     ("seed", -1, "seed=-1: must be >= 0"),
-    ("data", {"task_ops": "+/"}, "data.task_ops='+/': must be a non-empty selection of '+-*'"),
-    ("data", {"task_max_addend": 0}, "data.task_max_addend=0: must be >= 1"),
+    ("data", {"task": {"ops": "+/"}}, "data.task.ops='+/': must be a non-empty selection of '+-*'"),
+    ("data", {"task": {"max_addend": 0}}, "data.task.max_addend=0: must be >= 1"),
+    ("data", {"task": {"num_eval": 0, "modulus": 1}}, "data.task.num_eval=0: must be > 0"),
     ("schedule", {"allocation": "adaptive", "group_mode": "separate"},
      "schedule.allocation='adaptive' with schedule.group_mode='separate': adaptive allocation adds explorer samples "
      "to the learner's groups, so it needs schedule.group_mode='combined'"),

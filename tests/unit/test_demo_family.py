@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+from megatron_s2l.config import DataConfig, TaskConfig
 from megatron_s2l.demo import FamilySpec, family_dir
 
 
@@ -13,6 +14,14 @@ def test_spec_round_trips_through_json_and_names_its_cache():
     slower = dataclasses.replace(spec, explorer=dataclasses.replace(
         spec.explorer, tutor=dataclasses.replace(spec.explorer.tutor, slip_rate=0.5)))
     assert family_dir(slower) != family_dir(spec)  # what a model is taught is part of the cache key
+
+
+def test_only_the_task_shapes_the_family():
+    """A demo run with other prompt limits or files reuses the cached family; a different task does not."""
+    default = FamilySpec.of(DataConfig())
+    assert FamilySpec.of(DataConfig(max_prompt_length=64, on_bad_prompt="drop")).key() == default.key()
+    assert FamilySpec.of(DataConfig(task=TaskConfig(modulus=7))).key() != default.key()
+    assert FamilySpec.of(DataConfig(seed=1)).key() != default.key()
 
 
 def test_siblings_are_taught_different_mistakes():

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_s2l.config import DataConfig
+from megatron_s2l.config import DataConfig, TaskConfig
 from megatron_s2l.data.prompts import LoadedPrompts, PromptFileError, PromptStream, load_prompts, prompts_from_config
-from megatron_s2l.data.task import TaskSpec, generate_problems, task_splits
+from megatron_s2l.data.task import generate_problems, task_splits
 from megatron_s2l.data.tokenizer import chatml, train_tokenizer
 from megatron_s2l.types import Prompt
 
@@ -15,7 +15,7 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 
 @pytest.fixture(scope="module")
 def tok():
-    problems = generate_problems(300, TaskSpec(), seed=0)
+    problems = generate_problems(300, TaskConfig(), seed=0)
     return train_tokenizer([p.question for p in problems] + [p.solution for p in problems], vocab_size=512)
 
 
@@ -127,10 +127,10 @@ def test_file_level_errors(tok, tmp_path):
 
 
 def test_config_without_paths_gives_the_task_splits(tok):
-    data = DataConfig(task_num_train=50, task_num_eval=20, seed=3)
+    data = DataConfig(task=TaskConfig(num_train=50, num_eval=20), seed=3)
     train = prompts_from_config(data, tok, "train")
     held_out = prompts_from_config(data, tok, "eval")
-    expected_train, expected_eval = task_splits(50, 20, TaskSpec(), seed=3)
+    expected_train, expected_eval = task_splits(TaskConfig(num_train=50, num_eval=20), seed=3)
     assert [p.prompt_id for p in train.prompts] == [p.problem_id for p in expected_train]
     assert [p.ground_truth for p in held_out.prompts] == [p.answer for p in expected_eval]
     assert held_out.prompts[0].text == chatml([{"role": "user", "content": expected_eval[0].question}])

@@ -1,5 +1,6 @@
 """The demo task: deterministic, disjoint splits, and solutions whose answers are right."""
 
+import dataclasses
 import json
 import operator
 import random
@@ -7,10 +8,11 @@ import re
 
 import pytest
 
-from megatron_s2l.data.task import (Problem, TaskSpec, Tutor, generate_problems, pretraining_examples, task_splits,
+from megatron_s2l.config import TaskConfig
+from megatron_s2l.data.task import (Problem, Tutor, generate_problems, pretraining_examples, task_splits,
                                     worked_solution, wrap_count, wraps, write_jsonl)
 
-SPEC = TaskSpec(modulus=10, min_ops=2, max_ops=5)
+SPEC = TaskConfig(modulus=10, min_ops=2, max_ops=5)
 
 
 def reference_answer(question: str, modulus: int) -> int:
@@ -45,7 +47,7 @@ def test_first_problem_by_hand():
     assert problem.solution.endswith(f"\\boxed{{{value}}}") and problem.answer == str(value)
 
 
-@pytest.mark.parametrize("spec", [SPEC, TaskSpec(modulus=100, min_ops=1, max_ops=4, mul_max=12)])
+@pytest.mark.parametrize("spec", [SPEC, TaskConfig(modulus=100, min_ops=1, max_ops=4, mul_max=12)])
 def test_answers_match_an_independent_evaluation(spec):
     for p in generate_problems(300, spec, seed=1):
         expected = reference_answer(p.question, spec.modulus)
@@ -62,23 +64,24 @@ def test_solutions_score_one_with_the_verifier():
 
 
 def test_splits_are_disjoint_and_stable():
-    train, held_out = task_splits(2000, 200, SPEC, seed=0)
+    train, held_out = task_splits(dataclasses.replace(SPEC, num_train=2000), seed=0)
     assert len(train) == 2000 and len(held_out) == 200
     assert not {p.question for p in train} & {p.question for p in held_out}
     assert len({p.problem_id for p in train + held_out}) == 2200
-    assert task_splits(10, 200, SPEC, seed=0)[1] == held_out  # held-out set independent of the train size
+    assert task_splits(dataclasses.replace(SPEC, num_train=10), seed=0)[1] == held_out  # held-out set independent of the train size
 
 
 def test_too_small_a_space_is_reported():
-    tiny = TaskSpec(modulus=2, min_ops=1, max_ops=1, ops="+-*", mul_max=2)  # 2 starts x 3 ops x 1 operand
+    tiny = TaskConfig(modulus=2, min_ops=1, max_ops=1, ops="+-*", mul_max=2)  # 2 starts x 3 ops x 1 operand
     assert len(generate_problems(6, tiny, seed=0)) == 6
     with pytest.raises(ValueError, match="too few distinct questions"):
         generate_problems(7, tiny, seed=0)
 
 
 def test_bad_spec_names_the_field():
-    with pytest.raises(ValueError, match="min_ops=3, max_ops=2"):
-        TaskSpec(min_ops=3, max_ops=2)
+    with pytest.raises(ValueError, match=r"task.min_ops=3, task.max_ops=2: need 1 <= min_ops <= max_ops; "
+                                         r"task.ops='\+/': must be a non-empty selection of '\+-\*'"):
+        generate_problems(1, TaskConfig(min_ops=3, max_ops=2, ops="+/"), seed=0)
 
 
 def test_pretraining_examples_end_with_eos():

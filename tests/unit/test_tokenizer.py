@@ -2,12 +2,13 @@
 
 import pytest
 
-from megatron_s2l.data.task import TaskSpec, generate_problems
+from megatron_s2l.config import TaskConfig
+from megatron_s2l.data.task import generate_problems
 from megatron_s2l.data.tokenizer import (DEMO_TOKENIZER_FILE, HFTokenizer, Tokenizer, chatml, load_tokenizer,
                                          render_prompt, train_tokenizer)
 from tests.tiny_models import write_tiny_tokenizer
 
-PROBLEMS = generate_problems(500, TaskSpec(), seed=0)
+PROBLEMS = generate_problems(500, TaskConfig(), seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import pytest
 pytest.importorskip("vllm")
 
 from megatron_s2l.algo.rewards import math_reward  # noqa: E402
-from megatron_s2l.data.task import TaskSpec, generate_problems, task_splits, write_jsonl  # noqa: E402
+from megatron_s2l.config import TaskConfig  # noqa: E402
+from megatron_s2l.data.task import generate_problems, task_splits, write_jsonl  # noqa: E402
 from megatron_s2l.data.tokenizer import train_tokenizer  # noqa: E402
 from tests.tiny_models import write_tiny_model  # noqa: E402
 from tools import evaluate as cli  # noqa: E402
@@ -23,12 +24,12 @@ K = 4
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    problems = generate_problems(300, TaskSpec(), seed=0)
+    problems = generate_problems(300, TaskConfig(), seed=0)
     tokenizer = train_tokenizer([p.question for p in problems] + [p.solution for p in problems], vocab_size=512)
     for name, layers in (("explorer", 1), ("learner", 2)):
         write_tiny_model(root / name, num_layers=layers, seed=layers, init_std=0.5)
         tokenizer.save(root / name)
-    _, held_out = task_splits(1, 5, TaskSpec(), seed=7)
+    _, held_out = task_splits(TaskConfig(num_train=1, num_eval=5), seed=7)
     bench = write_jsonl(held_out, root / "heldout.jsonl")
     return root, bench, held_out
 
