@@ -101,6 +101,8 @@ HF_CONFIG_KEYS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size
                   "max_position_embeddings": "max_position_embeddings", "rotary_base": "rope_theta",
                   "norm_epsilon": "rms_norm_eps", "qk_layernorm": "model_type", "add_qkv_bias": "model_type",
                   "tie_word_embeddings": "tie_word_embeddings"}
+# The families the learner's mapping covers: config.json's model_type -> the architecture class name written back.
+HF_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
 @dataclass
@@ -657,6 +659,8 @@ def _path_problems(cfg: S2LConfig) -> list[str]:
     problems = _model_dir_problems("learner.hf_path", cfg.learner.hf_path,
                                    "set it to the learner's local HF directory (convert a Megatron checkpoint "
                                    "with tools/convert_megatron_to_hf.py), or run the demo without --config")
+    if not problems:
+        problems = _learner_family_problems(cfg.learner.hf_path)
     explorer = cfg.explorer
     if explorer.source == "online":
         problems += _model_dir_problems("explorer.hf_path", explorer.hf_path,
@@ -685,6 +689,18 @@ def _model_dir_problems(at: str, path: Optional[str], when_empty: str) -> list[s
     if not (Path(path) / "config.json").is_file():
         return [f"{at}={path!r}: config.json is missing (copy the whole HF model directory)"]
     return []
+
+
+def _learner_family_problems(path: str) -> list[str]:
+    """A learner checkpoint of a family the learner's mapping does not cover (the explorer may be any family)."""
+    try:
+        family = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):  # unreadable: check_hf_checkpoint reports the file
+        return []
+    if family in HF_ARCHITECTURES:
+        return []
+    return [f"learner.hf_path={path!r}: its config.json has model_type={family!r}; the learner trains "
+            f"{', '.join(sorted(HF_ARCHITECTURES))} models (any family vLLM serves can be the explorer)"]
 
 
 def _file_problems(at: str, path: Optional[str], when_empty: str) -> list[str]:

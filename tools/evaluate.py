@@ -7,7 +7,9 @@
 A model is an HF directory, or a Megatron checkpoint directory (holding `latest`), which is first
 converted to <out>/<label>/hf with tools/convert_megatron_to_hf.py (training checkpoints need
 --hf-config). Sampling defaults to the paper's nothink preset (temperature 0.7, top-p 0.8, top-k 20,
-presence penalty 1.5); any field can be overridden. Results go to <out> (one model) or <out>/<label>
+presence penalty 1.5); any field can be overridden. Samples are scored by the built-in math check, or
+by the `reward:` section of a training config (--reward-config run.yaml: your functions, by data
+source, with their time limit and error policy), so pass@k counts what training rewards. Results go to <out> (one model) or <out>/<label>
 (each compared model) plus <out>/compare.{json,md,png}; rerunning the same command resumes.
 """
 
@@ -21,13 +23,15 @@ import typing
 from pathlib import Path
 
 from megatron_s2l import console
-from megatron_s2l.config import EngineConfig, EngineDType, OnBadPrompt, PromptTemplate, SamplingConfig
+from megatron_s2l.config import (ConfigError, EngineConfig, EngineDType, OnBadPrompt, PromptTemplate, RewardConfig,
+                                  S2LConfig, SamplingConfig)
 
 if __name__ == "__main__":  # before Megatron and vLLM are imported: their import-time notices are filtered
     console.setup_from_argv()
 
 from megatron_s2l.evaluation.passk_eval import (PRESETS, evaluate_model_dir, passk_table,  # noqa: E402
                                                sampling_preset, write_comparison)
+from megatron_s2l.rollout.checks import reward_function_problems  # noqa: E402
 
 CONVERTER = Path(__file__).resolve().parent / "convert_megatron_to_hf.py"
 
@@ -53,6 +57,8 @@ def parse_args(argv):
     p.add_argument("--on-bad-prompt", choices=typing.get_args(OnBadPrompt), default="error")
     p.add_argument("--tokenizer-dir", help="tokenizer directory when the model directory has none")
     p.add_argument("--hf-config", help="Megatron training checkpoints: config.json of the model they started from")
+    p.add_argument("--reward-config", metavar="YAML",
+                   help="a training config whose reward section scores the samples (default: the math check)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tp", type=int, default=1, help="vLLM tensor-parallel size")
     p.add_argument("--dtype", choices=typing.get_args(EngineDType), default="auto")
@@ -87,6 +93,18 @@ def _hf_dir(model_dir: str, out: Path, hf_config: str | None, tokenizer_dir: str
     return str(target)
 
 
+def reward_section(path: str | None) -> RewardConfig:
+    """The `reward` section of the config at `path` (only that section is read and checked)."""
+    if path is None:
+        return RewardConfig()
+    cfg, problems = S2LConfig.parse_yaml(path)
+    problems = [p for p in problems if p.startswith("reward")]
+    problems += cfg.reward.validate("reward") + reward_function_problems(cfg.reward)
+    if problems:
+        raise ConfigError([f"--reward-config {path}: {p}" for p in problems])
+    return cfg.reward
+
+
 def main(argv: list[str] | None = None) -> None:
     """Evaluate and print the pass@k table; user errors are reported as one line (exit status 2)."""
     args = parse_args(argv)
@@ -97,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         errors = sampling.validate("sampling")
         if errors:
             raise ValueError("; ".join(errors))
+        reward = reward_section(args.reward_config)
         engine = EngineConfig(tensor_parallel_size=args.tp, dtype=args.dtype, max_model_len=args.max_model_len,
                               kv_cache_memory_bytes=args.kv_cache_mb * 2**20, seed=args.seed,
                               gpu_memory_utilization=args.gpu_memory_utilization, on_long_prompt="error")
@@ -108,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
             results[label] = evaluate_model_dir(
                 _hf_dir(model_dir, out, args.hf_config, args.tokenizer_dir), benches, out, k=args.k,
                 sampling=sampling, engine=engine, template=args.template, max_prompt_length=args.max_prompt_length,
-                on_bad_prompt=args.on_bad_prompt, seed=args.seed, label=label, tokenizer_dir=args.tokenizer_dir)
+                on_bad_prompt=args.on_bad_prompt, seed=args.seed, label=label, tokenizer_dir=args.tokenizer_dir,
+                reward=reward)
     except (ValueError, FileNotFoundError, subprocess.CalledProcessError) as err:  # the inputs' refusals
         console.exit_with_error("evaluate.py", err)
     if args.compare:

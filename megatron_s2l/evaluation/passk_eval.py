@@ -11,7 +11,7 @@ unbiased estimator (`algo.passk`). Samples are drawn with a fixed seed per probl
 numbers do not depend on batching or on interruptions.
 
 An output directory holds
-    settings.json   model, sampling settings, k, seed, template: what the numbers mean
+    settings.json   model, sampling settings, k, seed, template, reward: what the numbers mean
     samples.jsonl   one line per finished problem (rewards, responses); problems found here are
                     skipped when the same evaluation runs again, so an interrupted run resumes
     results.json    pass@1..pass@k and the mean reward per benchmark
@@ -32,11 +32,11 @@ from typing import Callable, Mapping, Optional
 
 from megatron_s2l.algo.passk import pass_at_k_curve
 from megatron_s2l.algo.reward_scorer import RewardScorer
-from megatron_s2l.config import EngineConfig, SamplingConfig
+from megatron_s2l.config import EngineConfig, RewardConfig, SamplingConfig
 from megatron_s2l.data.prompts import load_prompts
 from megatron_s2l.data.tokenizer import load_tokenizer
 from megatron_s2l.rollout.engine import RolloutEngine
-from megatron_s2l.rollout.mixer import Scorer
+from megatron_s2l.rollout.mixer import Scorer, reward_scorer
 from megatron_s2l.types import Prompt
 
 # Sampling presets (max_new_tokens is set per run). nothink: the paper's evaluation setting (Qwen3's
@@ -147,27 +147,33 @@ def evaluate(engine: RolloutEngine, benchmarks: Mapping[str, list[Prompt]], out_
 def evaluate_model_dir(model_dir: str | Path, benchmark_files: Mapping[str, str | Path], out_dir: str | Path, *,
                        k: int, sampling: SamplingConfig, engine: EngineConfig, template: str = "chat",
                        max_prompt_length: int = 512, on_bad_prompt: str = "error", seed: int = 0,
-                       label: Optional[str] = None, tokenizer_dir: str | Path | None = None) -> dict:
+                       label: Optional[str] = None, tokenizer_dir: str | Path | None = None,
+                       reward: Optional[RewardConfig] = None) -> dict:
     """Serve an HF model directory with vLLM and `evaluate` it on benchmark files (JSONL or verl Parquet).
 
     The tokenizer comes from `tokenizer_dir` or the model directory (the demo's sentencepiece model or
-    the directory's HF tokenizer); `template` is a `DataConfig.prompt_template` value.
+    the directory's HF tokenizer); `template` is a `DataConfig.prompt_template` value; `reward` (a config's
+    section, part of the recorded settings; default: the math check) scores the samples.
     """
     from megatron_s2l.rollout.vllm_engine import VLLMEngine  # vLLM is heavy: only when a model is served
 
+    reward = reward or RewardConfig()
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     benchmarks = {name: load_prompts(path, tokenizer, template=template, max_prompt_length=max_prompt_length,
                                      on_bad_prompt=on_bad_prompt).prompts
                   for name, path in benchmark_files.items()}
     label = label or Path(model_dir).name
     settings = {"model": label, "model_dir": str(model_dir), "template": template,
-                "benchmark_files": {name: str(path) for name, path in benchmark_files.items()}}
+                "benchmark_files": {name: str(path) for name, path in benchmark_files.items()},
+                "reward": dataclasses.asdict(reward)}
+    scorer = reward_scorer(reward, tokenizer.decode)
     served = VLLMEngine(str(model_dir), engine, source="learner", model_id=label, eos_token_id=tokenizer.eos_id)
     try:
         return evaluate(served, benchmarks, out_dir, k=k, sampling=sampling, decode=tokenizer.decode,
-                        settings=settings, seed=seed)
+                        settings=settings, seed=seed, scorer=scorer)
     finally:  # now, not whenever the garbage collector finds it: its teardown resets vLLM's process groups,
         served.close()  # which would break the next engine (the next model of a --compare) mid-run
+        scorer.close()
 
 
 def passk_table(results: Mapping[str, dict]) -> str:

@@ -1,4 +1,7 @@
-"""config.json <-> ModelConfig for the Hugging Face families the mapping covers (Qwen3, Llama)."""
+"""config.json <-> ModelConfig for the Hugging Face families the mapping covers (Qwen3, Qwen2, Llama).
+
+A config.json this mapping cannot represent is a ConfigError (the user's checkpoint, not a bug: no traceback).
+"""
 
 from __future__ import annotations
 
@@ -7,22 +10,19 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from megatron_s2l.config import HF_CONFIG_KEYS, ModelConfig
-
-# model_type in config.json -> the architecture class name written back.
-HF_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+from megatron_s2l.config import HF_ARCHITECTURES, HF_CONFIG_KEYS, ConfigError, ModelConfig
 
 
 def model_config_from_hf(path: str | Path) -> ModelConfig:
     """ModelConfig of a local HF Qwen3, Qwen2 or Llama checkpoint (a directory with config.json, or the file).
 
-    Raises ValueError naming the file and field for architectures this mapping cannot represent.
+    Raises ConfigError naming the file and field for architectures this mapping cannot represent.
     """
     path = Path(path)
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
-        raise ValueError(f"{config_file}: no such file; expected a local Hugging Face model directory "
-                         f"with config.json (hub ids are not downloaded)")
+        raise ConfigError(f"{config_file}: no such file; expected a local Hugging Face model directory "
+                          f"with config.json (hub ids are not downloaded)")
     cfg = model_config_from_dict(json.loads(config_file.read_text()), str(config_file))
     return dataclasses.replace(cfg, hf_path=str(config_file.parent))
 
@@ -31,9 +31,9 @@ def model_config_from_dict(hf: Mapping, source: str = "config.json") -> ModelCon
     """ModelConfig of the parsed config.json `hf` of a Qwen3, Qwen2 or Llama model; `source` names it in errors."""
     family = hf.get("model_type")
     if family not in HF_ARCHITECTURES:
-        raise ValueError(f"{source}: model_type={family!r} (architectures={hf.get('architectures')}) is "
-                         f"not supported; accepted: {sorted(HF_ARCHITECTURES)} "
-                         f"(use --backend bridge for other architectures)")
+        raise ConfigError(f"{source}: model_type={family!r} (architectures={hf.get('architectures')}) is "
+                          f"not supported; accepted: {sorted(HF_ARCHITECTURES)} "
+                          f"(use --backend bridge for other architectures)")
     unsupported = {"hidden_act": ("silu", hf.get("hidden_act", "silu")),
                    "attention_bias": (False, hf.get("attention_bias", False)),
                    "mlp_bias": (False, hf.get("mlp_bias", False)),
@@ -41,11 +41,11 @@ def model_config_from_dict(hf: Mapping, source: str = "config.json") -> ModelCon
                    "rope type": ("default", _rope(hf)[1])}
     for field_name, (accepted, value) in unsupported.items():
         if value != accepted:
-            raise ValueError(f"{source}: {field_name}={value!r} is not supported by the megatron-s2l "
-                             f"mapping (accepted: {accepted!r}); convert with --backend bridge instead")
+            raise ConfigError(f"{source}: {field_name}={value!r} is not supported by the megatron-s2l "
+                              f"mapping (accepted: {accepted!r}); convert with --backend bridge instead")
     missing = [key for key in _REQUIRED if key not in hf]
     if missing:
-        raise ValueError(f"{source}: missing field(s) {missing}; a {family} config.json needs {list(_REQUIRED)}")
+        raise ConfigError(f"{source}: missing field(s) {missing}; a {family} config.json needs {list(_REQUIRED)}")
     heads = hf["num_attention_heads"]
     cfg = ModelConfig(
         **{name: hf[HF_CONFIG_KEYS[name]] for name in _AS_IS},
@@ -61,7 +61,7 @@ def model_config_from_dict(hf: Mapping, source: str = "config.json") -> ModelCon
         problems.append(f"{source}: head_dim={cfg.kv_channels} is not hidden_size / num_attention_heads = "
                         f"{cfg.hidden_size} / {heads}; Qwen2 models derive it, so vLLM would serve another model")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ConfigError(problems)
     return cfg
 
 

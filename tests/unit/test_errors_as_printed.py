@@ -51,17 +51,20 @@ def test_a_missing_config_file_is_one_line(tmp_path):
 
 
 def test_model_directories_are_checked_with_their_weights_and_tokenizers(tmp_path):
-    """Directories that exist but hold no weights, and tokenizers that differ: found before any model loads."""
-    for name, tokenizer in (("learner", b"one"), ("explorer", b"two")):
+    """Directories that exist but hold no weights, a learner of a family the mapping lacks, and tokenizers that
+    differ: found before any model loads."""
+    for name, tokenizer, family in (("learner", b"one", "mistral"), ("explorer", b"two", "qwen3")):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": family}))
         (tmp_path / name / "s2l_tokenizer.model").write_bytes(tokenizer)
     (tmp_path / "run.yaml").write_text("learner: {hf_path: learner}\nexplorer: {hf_path: explorer}\n"
                                        "checkpoint: {load_dir: ckpt}\n")
     done = _run("--config", "run.yaml", cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
-        "pretrain_s2l.py: error: 4 problems:",
+        "pretrain_s2l.py: error: 5 problems:",
+        "  - learner.hf_path='learner': its config.json has model_type='mistral'; the learner trains llama, qwen2, "
+        "qwen3 models (any family vLLM serves can be the explorer)",
         "  - checkpoint.load_dir='ckpt': no such directory (point it at a checkpoint root holding 'latest'; a "
         "load_dir equal to save_dir may be absent on the first run)",
         "  - learner checkpoint learner: no *.safetensors weights",

@@ -87,3 +87,34 @@ def test_a_megatron_checkpoint_evaluates_like_its_hf_model(setup, tmp_path):
     from_hf = (tmp_path / "from_hf" / "samples.jsonl").read_text()
     from_mcore = (tmp_path / "from_mcore" / "samples.jsonl").read_text()
     assert from_mcore == from_hf and from_hf
+
+
+def test_a_training_configs_reward_section_scores_the_samples(setup, tmp_path, capsys):
+    """--reward-config: pass@k counts what training rewards (here a file's function for the task's data source)."""
+    root, bench, held_out = setup
+    (tmp_path / "parity.py").write_text("def even_length(response):\n    return float(len(response) % 2 == 0)\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"reward:\n  by_data_source:\n    s2l_arith: {tmp_path / 'parity.py'}:even_length\n")
+    common = ["--model", str(root / "learner"), "--bench", str(bench), "--k", str(K), "--max-new-tokens", "12",
+              "--max-model-len", "128", "--kv-cache-mb", "64", "--dtype", "float32", "--max-prompt-length", "64"]
+    cli.main([*common, "--out", str(tmp_path / "out"), "--reward-config", str(config)])
+    lines = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt_id"] for r in lines] == [p.problem_id for p in held_out]
+    rewards = [r for row in lines for r in row["rewards"]]
+    assert rewards == [float(len(text) % 2 == 0) for row in lines for text in row["responses"]]
+    assert 0 < sum(rewards) < len(rewards)  # both outcomes occur, so the check can tell the functions apart
+    settings = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert settings["reward"]["by_data_source"] == {"s2l_arith": f"{tmp_path / 'parity.py'}:even_length"}
+
+    config.write_text("reward:\n  function: tests.unit.user_rewards:no_such_function\n  timeout_s: 0\n"
+                      "loss: {kl_typ: k1}\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        cli.main([*common, "--out", str(tmp_path / "bad"), "--reward-config", str(config)])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "evaluate.py: error: 2 problems:",
+        f"  - --reward-config {config}: reward.timeout_s=0.0: must be > 0 (seconds per reward call)",
+        f"  - --reward-config {config}: reward.function: 'tests.unit.user_rewards:no_such_function': "
+        f"'no_such_function' in tests.unit.user_rewards is not found"]
+    assert not (tmp_path / "bad").exists()  # refused before a model is served
