@@ -197,10 +197,10 @@ def exit_with_error(prog: str, error: BaseException) -> NoReturn:
     sys.exit(USAGE_ERROR)
 
 
-def run_main(main: Callable[[], object], prog: str, user_errors: tuple[type[BaseException], ...] = ()) -> None:
-    """Call `main()`; a ConfigError, or one of `user_errors` (a tool's documented refusals), is reported by
-    `exit_with_error`; anything else propagates with its traceback."""
+def run_main(main: Callable[[], object], prog: str) -> None:
+    """Call `main()`; a ConfigError (a refusal of the user's input) is reported by `exit_with_error`; anything
+    else, a ValueError too, is a bug and propagates with its traceback."""
     try:
         main()
-    except (ConfigError, *user_errors) as err:
+    except ConfigError as err:
         exit_with_error(prog, err)

@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 
 from megatron_s2l import console
-from megatron_s2l.config import LayerSpec, ParallelConfig
+from megatron_s2l.config import ConfigError, LayerSpec, ParallelConfig
 
 if __name__ == "__main__":  # before Megatron and vLLM are imported: their import-time notices are filtered
     console.setup_from_argv()
@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     def run() -> str:
         if args.backend == "bridge":
             if (args.tp, args.pp) != (1, 1):
-                raise ValueError("--backend bridge writes Megatron-Bridge's own unsharded layout (distributed "
-                                 "checkpoints reshard on load): drop --tp/--pp")
+                raise ConfigError("--backend bridge writes Megatron-Bridge's own unsharded layout (distributed "
+                                  "checkpoints reshard on load): drop --tp/--pp")
             convert.bridge_hf_to_megatron(args.hf_dir, args.save_dir)
             return f"wrote {args.save_dir} (Megatron-Bridge)"
         parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)

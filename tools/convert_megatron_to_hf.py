@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 
 from megatron_s2l import console
-from megatron_s2l.config import LayerSpec, ParallelConfig
+from megatron_s2l.config import ConfigError, LayerSpec, ParallelConfig
 
 if __name__ == "__main__":  # before Megatron and vLLM are imported: their import-time notices are filtered
     console.setup_from_argv()
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     def run() -> str:
         if args.backend == "bridge":
             if args.hf_config is None:
-                raise ValueError("--backend bridge needs --hf-config (the HF directory the checkpoint came from)")
+                raise ConfigError("--backend bridge needs --hf-config (the HF directory the checkpoint came from)")
             convert.bridge_megatron_to_hf(args.load_dir, args.save_dir, args.hf_config)
             return f"wrote {args.save_dir} (Megatron-Bridge)"
         parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)

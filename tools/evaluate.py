@@ -75,7 +75,7 @@ def _named(items: list[str], what: str) -> dict[str, str]:
         name, sep, path = item.rpartition("=")
         name = name if sep else Path(path).stem if what == "--bench" else Path(path).name
         if name in named:
-            raise ValueError(f"{what} {item!r}: the name {name!r} is used twice; give NAME=PATH")
+            raise ConfigError(f"{what} {item!r}: the name {name!r} is used twice; give NAME=PATH")
         named[name] = path
     return named
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         sampling = dataclasses.replace(sampling_preset(args.preset, args.max_new_tokens), **overrides)
         errors = sampling.validate("sampling")
         if errors:
-            raise ValueError("; ".join(errors))
+            raise ConfigError(errors)
         reward = reward_section(args.reward_config)
         engine = EngineConfig(tensor_parallel_size=args.tp, dtype=args.dtype, max_model_len=args.max_model_len,
                               kv_cache_memory_bytes=args.kv_cache_mb * 2**20, seed=args.seed,
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
                 sampling=sampling, engine=engine, template=args.template, max_prompt_length=args.max_prompt_length,
                 on_bad_prompt=args.on_bad_prompt, seed=args.seed, label=label, tokenizer_dir=args.tokenizer_dir,
                 reward=reward)
-    except (ValueError, FileNotFoundError, subprocess.CalledProcessError) as err:  # the inputs' refusals
+    except (ConfigError, FileNotFoundError, subprocess.CalledProcessError) as err:  # the inputs' refusals
         console.exit_with_error("evaluate.py", err)
     if args.compare:
         paths = write_comparison(results, args.out)

@@ -76,6 +76,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"NeMo-Run experiment directory: {exp_dir}")
 
 
-if __name__ == "__main__":  # the launcher's refusals (ValueError) name the option and the fix
+if __name__ == "__main__":  # the launcher's refusals (ConfigError) name the option and the fix
     console.setup_from_argv()
-    console.run_main(main, "launch_nemo_run.py", user_errors=(ValueError,))
+    console.run_main(main, "launch_nemo_run.py")

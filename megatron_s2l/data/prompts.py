@@ -67,8 +67,8 @@ def load_prompts(path: str | Path, tokenizer: PromptTokenizer, *, template: str,
     elif path.suffix in (".jsonl", ".json"):
         rows = _jsonl_rows(path)
     else:
-        raise ValueError(f"{path}: unknown prompt file type {path.suffix!r}; accepted: .jsonl, .json "
-                         f"(one JSON object per line) or .parquet (verl format)")
+        raise PromptFileError(f"{path}: unknown prompt file type {path.suffix!r}; accepted: .jsonl, .json "
+                              f"(one JSON object per line) or .parquet (verl format)")
     loaded = LoadedPrompts(prompts=[])
     seen: set[str] = set()
     for where, default_id, row in rows:

@@ -29,6 +29,7 @@ from typing import Iterable, Protocol, get_args
 
 import sentencepiece as spm
 
+from megatron_s2l.config import ConfigError
 from megatron_s2l.constants import DEMO_TOKENIZER_FILE, PromptTemplate
 
 BOS_ID, EOS_ID, PAD_ID, UNK_ID = 0, 1, 2, 3
@@ -63,8 +64,8 @@ class Tokenizer:
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         ids = (self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id(), self._sp.unk_id())
         if ids != (BOS_ID, EOS_ID, PAD_ID, UNK_ID):
-            raise ValueError(f"sentencepiece model has bos/eos/pad/unk ids {ids}; megatron-s2l tokenizers use "
-                             f"{(BOS_ID, EOS_ID, PAD_ID, UNK_ID)} (train it with data.tokenizer.train_tokenizer)")
+            raise ConfigError(f"sentencepiece model has bos/eos/pad/unk ids {ids}; megatron-s2l tokenizers use "
+                              f"{(BOS_ID, EOS_ID, PAD_ID, UNK_ID)} (train it with data.tokenizer.train_tokenizer)")
 
     @property
     def vocab_size(self) -> int:
@@ -115,8 +116,8 @@ class HFTokenizer:
 
         self._tok = AutoTokenizer.from_pretrained(str(directory))
         if self._tok.eos_token_id is None:
-            raise ValueError(f"{directory}: the tokenizer defines no eos token; set eos_token in "
-                             f"tokenizer_config.json")
+            raise ConfigError(f"{directory}: the tokenizer defines no eos token; set eos_token in "
+                              f"tokenizer_config.json")
         self.bos_id = self._tok.bos_token_id
         self.eos_id = self._tok.eos_token_id
         self.pad_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else self.eos_id

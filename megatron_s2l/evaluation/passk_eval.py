@@ -32,7 +32,7 @@ from typing import Callable, Mapping, Optional
 
 from megatron_s2l.algo.passk import pass_at_k_curve
 from megatron_s2l.algo.reward_scorer import RewardScorer
-from megatron_s2l.config import EngineConfig, RewardConfig, SamplingConfig
+from megatron_s2l.config import ConfigError, EngineConfig, RewardConfig, SamplingConfig
 from megatron_s2l.data.prompts import load_prompts
 from megatron_s2l.data.tokenizer import load_tokenizer
 from megatron_s2l.rollout.engine import RolloutEngine
@@ -238,10 +238,10 @@ def _check_settings(path: Path, settings: dict) -> None:
         changed = sorted(key for key in recorded.keys() | settings.keys()
                          if key != "benchmark_files" and recorded.get(key) != settings.get(key))
         if changed:
-            raise ValueError(f"{path.parent} holds results evaluated with other settings ({', '.join(changed)} "
-                             f"differ: recorded {[recorded.get(c) for c in changed]}, now "
-                             f"{[settings.get(c) for c in changed]}): use another output directory or the "
-                             f"recorded settings")
+            raise ConfigError(f"{path.parent} holds results evaluated with other settings ({', '.join(changed)} "
+                              f"differ: recorded {[recorded.get(c) for c in changed]}, now "
+                              f"{[settings.get(c) for c in changed]}): use another output directory or the "
+                              f"recorded settings")
     path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 
@@ -258,7 +258,7 @@ def _read_samples(path: Path) -> dict[tuple[str, str], ProblemResult]:
         try:
             result = ProblemResult(**json.loads(line))
         except (json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"{path}:{number}: not a result line ({e}); the file is damaged: delete it to "
-                             f"evaluate from scratch") from None
+            raise ConfigError(f"{path}:{number}: not a result line ({e}); the file is damaged: delete it to "
+                              f"evaluate from scratch") from None
         done[result.benchmark, result.prompt_id] = result
     return done

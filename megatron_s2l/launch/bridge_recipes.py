@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
-from megatron_s2l.config import S2LConfig, apply_overrides
+from megatron_s2l.config import ConfigError, S2LConfig, apply_overrides
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "examples" / "configs"
 RECIPES = {"qwen3_1p7b_to_8b": "paper_qwen3_1p7b_to_8b.yaml", "qwen3_4b_to_14b": "paper_qwen3_4b_to_14b.yaml"}
@@ -40,11 +40,11 @@ def s2l_settings(name: str, *, learner_hf_path: str, explorer_hf_path: str, run_
     the prompt file; `overrides` are dotted key=value pairs applied last.
     """
     if name not in RECIPES:
-        raise ValueError(f"recipe {name!r}: accepted recipes are {sorted(RECIPES)}")
+        raise ConfigError(f"recipe {name!r}: accepted recipes are {sorted(RECIPES)}")
     for field, path in (("learner_hf_path", learner_hf_path), ("explorer_hf_path", explorer_hf_path)):
         if not (Path(path) / "config.json").is_file():
-            raise ValueError(f"{field}={path!r}: not a local Hugging Face directory (no config.json); pass the "
-                             f"directory of a downloaded checkpoint (hub ids are never downloaded)")
+            raise ConfigError(f"{field}={path!r}: not a local Hugging Face directory (no config.json); pass the "
+                              f"directory of a downloaded checkpoint (hub ids are never downloaded)")
     source = CONFIG_DIR / RECIPES[name]
     if not source.is_file():
         raise FileNotFoundError(f"{source}: the paper config is read from a megatron-s2l checkout "
@@ -89,8 +89,8 @@ def bridge_config(cfg: S2LConfig) -> Any:
     optim = cfg.optim
     bf16 = cfg.learner.params_dtype == "bfloat16"  # Bridge's recipes, like the learner, keep fp32 main params
     if cfg.fp8.enabled and not bf16:
-        raise ValueError("fp8.enabled=true with learner.params_dtype='float32': Bridge's FP8 recipes are BF16 "
-                         "mixed precision; set learner.params_dtype='bfloat16'")
+        raise ConfigError("fp8.enabled=true with learner.params_dtype='float32': Bridge's FP8 recipes are BF16 "
+                          "mixed precision; set learner.params_dtype='bfloat16'")
     constant = optim.lr_decay_style == "constant"
     per_step = optimizer_steps_per_phase(cfg)  # Bridge counts intervals in optimizer steps, S2L in rollout steps
     return c.ConfigContainer(

@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_s2l.config import ConfigError
+
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = Path("examples") / "pretrain_s2l.py"
 INSTALL_HINT = 'pip install "nemo-run==0.11.1" "leptonai<0.47"  (or pip install -e ".[nemo]")'
@@ -55,7 +57,7 @@ def local_executor(nproc_per_node: int, *, env: Optional[Mapping[str, str]] = No
     virtual environment need not be activated.
     """
     if nproc_per_node < 1:
-        raise ValueError(f"nproc_per_node={nproc_per_node}: must be >= 1 (ranks on this machine)")
+        raise ConfigError(f"nproc_per_node={nproc_per_node}: must be >= 1 (ranks on this machine)")
     run = import_nemo_run()
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     return run.LocalExecutor(ntasks_per_node=nproc_per_node, launcher="torchrun",
@@ -80,7 +82,7 @@ def slurm_executor(*, account: str, partition: Optional[str], nodes: int, gpus_p
     if not account:
         errors.append("account is empty: Slurm needs the account to charge (sbatch --account)")
     if errors:
-        raise ValueError("; ".join(errors))
+        raise ConfigError(errors)
     run = import_nemo_run()
     tunnel = (run.SSHTunnel(host=ssh_host, user=ssh_user or os.environ.get("USER", ""), job_dir=job_dir)
               if ssh_host else run.LocalTunnel(job_dir=job_dir))

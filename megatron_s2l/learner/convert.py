@@ -57,11 +57,11 @@ def hf_to_megatron(hf_dir: str | Path, save_dir: str | Path, parallel: ParallelC
     hf_dir = Path(hf_dir)
     cfg = dataclasses.replace(model_config_from_hf(hf_dir), layer_spec=layer_spec)
     if latest_step(save_dir) is not None:
-        raise ValueError(f"--save-dir {save_dir} already holds a checkpoint (step {latest_step(save_dir)}); "
-                         f"choose a new directory")
+        raise ConfigError(f"--save-dir {save_dir} already holds a checkpoint (step {latest_step(save_dir)}); "
+                          f"choose a new directory")
     if make_vocab_size_divisible_by < 1:
-        raise ValueError(f"--make-vocab-size-divisible-by {make_vocab_size_divisible_by}: must be >= 1 (1 pads "
-                         f"the vocabulary only to a multiple of --tp; Megatron-LM's default is 128)")
+        raise ConfigError(f"--make-vocab-size-divisible-by {make_vocab_size_divisible_by}: must be >= 1 (1 pads "
+                          f"the vocabulary only to a multiple of --tp; Megatron-LM's default is 128)")
     padded = padded_vocab_size(cfg.vocab_size, parallel.tensor_model_parallel_size, make_vocab_size_divisible_by)
     model = _build(dataclasses.replace(cfg, vocab_size=padded), parallel)
     load_hf_weights([model], cfg, read_hf_state(hf_dir), progress=dist.get_rank() == 0)
@@ -111,8 +111,8 @@ def _build(cfg: ModelConfig, parallel: ParallelConfig):
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     world = int(os.environ.get("WORLD_SIZE", 1))  # checked before any process group starts
     if world != tp * pp:
-        raise ValueError(f"conversion runs on exactly TP x PP = {tp * pp} processes, found {world}: launch "
-                         f"with torchrun --nproc_per_node={tp * pp} (or a plain python for TP=PP=1)")
+        raise ConfigError(f"conversion runs on exactly TP x PP = {tp * pp} processes, found {world}: launch "
+                          f"with torchrun --nproc_per_node={tp * pp} (or a plain python for TP=PP=1)")
     init_parallel(parallel, seed=0)
     return build_model(cfg, transformer_config(cfg, parallel))
 
@@ -121,8 +121,8 @@ def _saved_state(load_dir: str | Path) -> dict:
     """The `state` dict of the latest checkpoint under `load_dir`, read without building a model."""
     step = latest_step(load_dir)
     if step is None:
-        raise ValueError(f"{load_dir}: no checkpoint (no 'latest' file); pass the directory given to "
-                         f"--save-dir of convert_hf_to_megatron.py or checkpoint.save_dir of a run")
+        raise ConfigError(f"{load_dir}: no checkpoint (no 'latest' file); pass the directory given to "
+                          f"--save-dir of convert_hf_to_megatron.py or checkpoint.save_dir of a run")
     common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir(load_dir, step)))
     return common["common"]["state"]
 
@@ -136,12 +136,12 @@ def _checked_vocab_rows(load_dir: str | Path, vocab_size: int, tp: int, source) 
     metadata = dist_checkpointing.load_tensors_metadata(str(ckpt))
     rows = metadata[EMBEDDING].global_shape[0]
     if rows < vocab_size:
-        raise ValueError(f"{load_dir}: the checkpoint's vocabulary has {rows} rows but {source} says "
-                         f"vocab_size={vocab_size}; a checkpoint pads its HF model's vocabulary, never cuts it: "
-                         f"pass --hf-config with the config.json of the model this checkpoint came from")
+        raise ConfigError(f"{load_dir}: the checkpoint's vocabulary has {rows} rows but {source} says "
+                          f"vocab_size={vocab_size}; a checkpoint pads its HF model's vocabulary, never cuts it: "
+                          f"pass --hf-config with the config.json of the model this checkpoint came from")
     if rows % tp:
-        raise ValueError(f"{load_dir}: the checkpoint's {rows} vocabulary rows cannot be split over --tp {tp}; "
-                         f"read it with a --tp that divides {rows} (e.g. --tp 1: checkpoints reshard on load)")
+        raise ConfigError(f"{load_dir}: the checkpoint's {rows} vocabulary rows cannot be split over --tp {tp}; "
+                          f"read it with a --tp that divides {rows} (e.g. --tp 1: checkpoints reshard on load)")
     return rows
 
 
@@ -152,17 +152,17 @@ def _architecture(state: Mapping, hf_config_path, load_dir) -> tuple[ModelConfig
         return model_config_from_hf(path), _read_json(path / "config.json" if path.is_dir() else path)
     if "model_config" in state:
         return ModelConfig(**state["model_config"]), state.get("hf_config") or {}
-    raise ValueError(f"{load_dir}: the checkpoint does not record its architecture (it was not written by "
-                     f"convert_hf_to_megatron.py); pass --hf-config with the config.json of the model it "
-                     f"started from")
+    raise ConfigError(f"{load_dir}: the checkpoint does not record its architecture (it was not written by "
+                      f"convert_hf_to_megatron.py); pass --hf-config with the config.json of the model it "
+                      f"started from")
 
 
 def _tokenizer_files(tokenizer_dir: Path) -> list[Path]:
     """The tokenizer files to copy, checked before any conversion work starts."""
     files = [tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
     if not files:
-        raise ValueError(f"--tokenizer-dir {tokenizer_dir}: none of {list(TOKENIZER_FILES)} found; pass the "
-                         f"directory of the original HF model (or of its tokenizer)")
+        raise ConfigError(f"--tokenizer-dir {tokenizer_dir}: none of {list(TOKENIZER_FILES)} found; pass the "
+                          f"directory of the original HF model (or of its tokenizer)")
     return files
 
 
@@ -187,12 +187,12 @@ def cli_parser(prog: str, doc: str, *, layout_help: str) -> argparse.ArgumentPar
 def run_cli(parser: argparse.ArgumentParser, convert: Callable[[], str]) -> None:
     """Run a converter CLI's `convert` (returning what to print) and report on global rank 0.
 
-    A ValueError (the converters' refusals of their inputs, each naming the file or flag and the fix) exits
+    A ConfigError (the converters' refusals of their inputs, each naming the file or flag and the fix) exits
     with status 2 and that one line, printed on the first rank; other errors keep their traceback.
     """
     try:
         message = convert()
-    except ValueError as err:
+    except ConfigError as err:
         exit_with_error(parser.prog, err)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(message)

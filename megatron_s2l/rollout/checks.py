@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from megatron_s2l.algo.reward_pool import BUILTIN_MATH, check_function
-from megatron_s2l.config import RewardConfig, S2LConfig, raise_problems
+from megatron_s2l.config import ConfigError, RewardConfig, S2LConfig, raise_problems
 from megatron_s2l.constants import DEMO_TOKENIZER_FILE
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -72,33 +72,33 @@ def check_hf_checkpoint(path: str | Path, *, role: str = "explorer") -> Path:
 
     root = Path(path)
     if not root.is_dir():
-        raise ValueError(f"{role} checkpoint {root}: no such directory (expected a local HF model directory "
-                         f"with config.json and *.safetensors)")
+        raise ConfigError(f"{role} checkpoint {root}: no such directory (expected a local HF model directory "
+                          f"with config.json and *.safetensors)")
     config = root / "config.json"
     if not config.is_file():
-        raise ValueError(f"{role} checkpoint {root}: config.json is missing (copy the whole HF directory)")
+        raise ConfigError(f"{role} checkpoint {root}: config.json is missing (copy the whole HF directory)")
     try:
         json.loads(config.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{role} checkpoint {config}: not valid JSON ({err}); the file is corrupt") from None
+        raise ConfigError(f"{role} checkpoint {config}: not valid JSON ({err}); the file is corrupt") from None
     shards = sorted(root.glob("*.safetensors"))
     if not shards:
         others = sorted(p.name for p in root.glob("*.bin"))
         hint = f" (found {others}: convert them to safetensors)" if others else ""
-        raise ValueError(f"{role} checkpoint {root}: no *.safetensors weights{hint}")
+        raise ConfigError(f"{role} checkpoint {root}: no *.safetensors weights{hint}")
     index = root / "model.safetensors.index.json"
     if index.is_file():
         wanted = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         missing = sorted(wanted - {p.name for p in shards})
         if missing:
-            raise ValueError(f"{role} checkpoint {root}: weight shards {missing} listed in {index.name} are missing")
+            raise ConfigError(f"{role} checkpoint {root}: weight shards {missing} listed in {index.name} are missing")
     for shard in shards:
         try:
             with safe_open(str(shard), framework="pt") as f:
                 f.keys()
         except Exception as err:  # safetensors raises its own error types for truncated headers
-            raise ValueError(f"{role} checkpoint {shard}: unreadable weights ({err}); the file is corrupt or "
-                             f"truncated, copy it again") from None
+            raise ConfigError(f"{role} checkpoint {shard}: unreadable weights ({err}); the file is corrupt or "
+                              f"truncated, copy it again") from None
     return root
 
 
@@ -113,8 +113,8 @@ def check_tokenizers_agree(explorer_path: str | Path, learner_path: str | Path) 
     demo_e, demo_l = Path(explorer_path) / DEMO_TOKENIZER_FILE, Path(learner_path) / DEMO_TOKENIZER_FILE
     if demo_e.is_file() or demo_l.is_file():  # the demo family's sentencepiece model: one file says it all
         if not (demo_e.is_file() and demo_l.is_file() and demo_e.read_bytes() == demo_l.read_bytes()):
-            raise ValueError(f"explorer tokenizer ({demo_e}) and learner tokenizer ({demo_l}) differ or one is "
-                             f"missing: build both models of the family with the same tokenizer")
+            raise ConfigError(f"explorer tokenizer ({demo_e}) and learner tokenizer ({demo_l}) differ or one is "
+                              f"missing: build both models of the family with the same tokenizer")
         return True
     if not (has_tokenizer(explorer_path) and has_tokenizer(learner_path)):
         return False
@@ -136,7 +136,7 @@ def check_tokenizers_agree(explorer_path: str | Path, learner_path: str | Path) 
     if tokenizers["explorer"].chat_template != tokenizers["learner"].chat_template:
         problems.append("chat templates differ")
     if problems:
-        raise ValueError(f"explorer tokenizer ({explorer_path}) and learner tokenizer ({learner_path}) disagree: "
+        raise ConfigError(f"explorer tokenizer ({explorer_path}) and learner tokenizer ({learner_path}) disagree: "
                          + "; ".join(problems) + ". Explorer samples are token ids the learner trains on, so "
                          "both must share one tokenizer: pick an explorer from the learner's model family")
     return True

@@ -25,7 +25,8 @@ def test_bad_prompt_file_stops_with_file_and_line(tiny_family, tmp_path, case):
     content, expected = CASES[case]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_bytes(content)
-    config = write_config(tiny_config(tiny_family, data={"train_path": str(prompts)},
+    base = tiny_config(tiny_family)
+    config = write_config(tiny_config(tiny_family, data=base["data"] | {"train_path": str(prompts)},
                                       checkpoint={"save_dir": str(tmp_path / "ckpt")}), tmp_path / "bad.yaml")
     done = subprocess.run([sys.executable, str(REPO / "examples" / "pretrain_s2l.py"), "--config", str(config)],
                           env=job_env(), cwd=tmp_path, capture_output=True, text=True, timeout=180)

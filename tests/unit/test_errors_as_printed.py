@@ -3,6 +3,7 @@ problem at once, without a traceback, and exits with status 2; an internal error
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -82,12 +83,29 @@ def test_the_demo_reports_a_bad_override_before_building_anything(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no family directory was started
 
 
-def test_an_internal_error_keeps_its_traceback():
+@pytest.mark.parametrize("error", [KeyError("internal"), ValueError("internal")])
+def test_an_internal_error_keeps_its_traceback(error):
     def broken():
-        raise KeyError("internal")
+        raise error
 
-    with pytest.raises(KeyError, match="internal"):
+    with pytest.raises(type(error), match="internal"):
         console.run_main(broken, "prog")
+
+
+def test_a_converter_reports_its_refusals_and_keeps_internal_errors(capsys):
+    from megatron_s2l.learner.convert import run_cli
+
+    def converting(error):
+        def convert():
+            raise error
+        return convert
+
+    parser = argparse.ArgumentParser(prog="convert.py")
+    with pytest.raises(SystemExit) as exited:
+        run_cli(parser, converting(ConfigError("--tp 3: must divide 8 heads")))
+    assert exited.value.code == 2 and capsys.readouterr().err == "convert.py: error: --tp 3: must divide 8 heads\n"
+    with pytest.raises(ValueError, match="a bug"):
+        run_cli(parser, converting(ValueError("a bug")))
 
 
 def test_a_user_error_exits_2_and_other_ranks_report_only_their_own_after_a_wait(monkeypatch, capsys):
@@ -102,5 +120,5 @@ def test_a_user_error_exits_2_and_other_ranks_report_only_their_own_after_a_wait
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(console, "OTHER_RANKS_WAIT_S", 0.0)
     with pytest.raises(SystemExit):
-        console.run_main(mistaken, "prog", user_errors=(ValueError,))
+        console.run_main(mistaken, "prog")
     assert capsys.readouterr().err.startswith("prog (rank 1): error: 2 problems:")
