@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from megatron_s2l.constants import (AdvantageNorm, GroupMode, ImportanceCorrection, KLType, LossAggregation,
-                                    OnBadPrompt, PromptTemplate, ScheduleKind, TASK_OPS)
+                                    OnBadPrompt, OnRewardError, PromptTemplate, ScheduleKind, TASK_OPS)
 
 
 class ConfigError(ValueError):
@@ -55,7 +55,6 @@ ParamsDType = Literal["float32", "bfloat16"]
 FP8Recipe = Literal["delayed", "tensorwise", "blockwise", "mxfp8"]
 EngineDType = Literal["auto", "float32", "bfloat16", "float16"]
 LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
-OnRewardError = Literal["raise", "zero"]
 
 
 @dataclass

@@ -18,6 +18,7 @@ KLType = Literal["k1", "k3", "low_var_kl"]
 LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 ImportanceCorrection = Literal["none", "tis", "icepop"]
 OnBadPrompt = Literal["error", "drop"]
+OnRewardError = Literal["raise", "zero"]
 PromptTemplate = Literal["chat", "qwen3-base", "qwen3-base-nothink", "raw"]
 
 DEMO_TOKENIZER_FILE = "s2l_tokenizer.model"  # the CPU demo's sentencepiece model, inside a model directory

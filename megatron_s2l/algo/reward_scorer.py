@@ -16,14 +16,15 @@ than a number or {"score": number, ...} stops scoring with the prompt id and its
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, get_args
 
 from megatron_s2l.algo.reward_pool import (BUILTIN_MATH, FunctionPool, Outcome, absolute, check_function,
                                           default_workers)
 from megatron_s2l.algo.rewards import MATH_VERIFY, quick_verdict
+from megatron_s2l.constants import OnRewardError
 from megatron_s2l.types import Prompt, Sample
 
-ON_REWARD_ERROR = ("raise", "zero")
+ON_REWARD_ERROR = get_args(OnRewardError)
 _RESERVED = ("timed_out", "failed")  # reward_info keys the scorer writes itself
 
 
