@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 PROMPTS_PER_STEP, GROUP_SIZE, MAX_NEW_TOKENS, LR, KL_COEF, SEED = 16, 8, 48, 1e-5, 0.001, 1234
 PHASES = ("generation", "reward", "old_logprobs", "ref_logprobs", "update", "refit")
 WARM_UP_STEPS = 2  # steps left out of the medians (engine warm-up, first allocations)
+MAX_PROMPT_LENGTH = 112  # the engine's 160 tokens minus 48 new ones; the prompts have at most 40
 
 
 def write_job(out: Path, num_prompts: int) -> tuple[Path, Path]:
@@ -78,7 +79,7 @@ def run_megatron(model_dir: Path, prompts: Path, steps: int, launched: float) ->
         "explorer": {"source": "none"}, "schedule": {"group_size": GROUP_SIZE},
         "loss": {"kl_coef": KL_COEF, "kl_type": "k3"},
         "optim": {"lr": LR, "mini_batch_prompts": PROMPTS_PER_STEP, "micro_batch_size": PROMPTS_PER_STEP * GROUP_SIZE},
-        "data": {"train_path": str(prompts), "prompt_template": "raw"},
+        "data": {"train_path": str(prompts), "prompt_template": "raw", "max_prompt_length": MAX_PROMPT_LENGTH},
     })
     generation: list[float] = []
     steps_out: list[dict] = []
@@ -131,7 +132,7 @@ def run_trl(model_dir: Path, prompts: Path, steps: int, launched: float, out: Pa
     from megatron_s2l.data.tokenizer import HFTokenizer
 
     tokenizer = HFTokenizer(model_dir)
-    loaded = load_prompts(prompts, tokenizer, template="raw", max_prompt_length=128)
+    loaded = load_prompts(prompts, tokenizer, template="raw", max_prompt_length=MAX_PROMPT_LENGTH)
     order = PromptStream(loaded.prompts, seed=0).next_batch(PROMPTS_PER_STEP * steps)  # the project's order
     dataset = Dataset.from_list([{"prompt": p.text, "answer": p.ground_truth} for p in order])
     scorer = MathScorer()
