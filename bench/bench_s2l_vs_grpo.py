@@ -7,9 +7,9 @@ Methods, all from examples/configs/demo.yaml with the same seeds, steps, prompts
   s2l_separate  the authors' code: an explorer phase then a learner phase per step (two optimizer steps)
   s2l_tis       s2l_combined with truncated importance sampling against the behaviour policy: an explorer
                 token's weight is min(pi_old / pi_explorer, loss.tis_cap) (verl's decoupled mode)
-  s2l_adaptive  combined groups with adaptive allocation (schedule.allocation=adaptive): the learner draws all G
-                samples first, and only prompts whose learner rewards are all equal get the step's
-                ceil(alpha * G) explorer samples on top
+  s2l_adaptive  combined groups with adaptive allocation (schedule.allocation=adaptive): the learner probes every
+                prompt with G - S samples, S = min(ceil(alpha * G), G // 2); the explorer fills the S slots of
+                the prompts whose probe rewards are all equal, the learner those of the others
   grpo          plain on-policy GRPO (explorer.source=none)
   grpo_hot      GRPO sampling the learner at --hot-temperature (the paper's token-level diversity baseline);
                 it trains at that temperature but is evaluated at the demo's, like every other method

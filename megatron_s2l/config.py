@@ -198,8 +198,9 @@ class ScheduleConfig:
     kind: ScheduleKind = "linear"  # linear is the paper's alpha_i = 1 - (i-1)/(T_mix-1)
     constant_share: float = 0.5  # alpha for kind="constant"
     group_mode: GroupMode = "combined"  # combined: paper; separate: the authors' code (two optimizer steps)
-    # fixed: every prompt gets G_w explorer samples (the paper); adaptive: the learner draws all G first and
-    # only prompts whose learner rewards are all equal get G_w explorer samples on top (algo/allocation.py)
+    # fixed: every prompt gets G_w explorer samples (the paper); adaptive: the learner probes each prompt with
+    # G - S samples, S = min(G_w, G // 2), and the explorer fills the S slots only of prompts whose probe
+    # rewards are all equal, the learner those of the others (algo/allocation.py)
     allocation: ExplorerAllocation = "fixed"
 
     def validate(self, at: str) -> list[str]:

@@ -1,16 +1,19 @@
-"""Per-prompt explorer allocation: explorer samples only where the learner's own group carries no signal.
+"""Per-prompt explorer allocation: explorer samples only where the learner's own samples carry no signal.
 
 The paper gives every prompt the same G_w = ceil(alpha_i * G) explorer samples. Under `adaptive`
-allocation the learner draws its full group of G first; a prompt whose learner rewards differ already has
-a GRPO gradient and trains on those alone, while a prompt whose learner rewards are all equal (all fail,
-or all succeed) has none and gets the step's G_w explorer samples on top of its G learner ones. The
-schedule's annealing still bounds the explorer: after T_mix no prompt gets any.
+allocation every group still holds G samples, but the learner probes first: it draws G - S samples for
+every prompt, with S = min(G_w, floor(G / 2)) slots left open (`probe_split`). A prompt whose probe
+rewards differ already has a GRPO gradient, and the learner fills its S slots too (a plain GRPO group);
+a prompt whose probe rewards are all equal (all fail, or all succeed) has none, and the explorer fills its
+S slots. The schedule's annealing bounds the explorer (S <= G_w, none after T_mix); the cap at half the
+group keeps at least G/2 learner samples on every prompt, enough to judge its signal.
 
-What follows from it (the mixer's docstring has the rollout side): a group is G or G + G_w samples; the
-learner's rollouts are GRPO's and the explorer's come on top, for the prompts without signal only. The
-explorer's samples are off-policy exactly as in fixed allocation, so TIS/IcePop weight them the same way;
+Rollout compute is at most GRPO's: every prompt gets G samples, and an explorer sample costs no more than
+a learner one (the explorer is the smaller model). The price is latency: while S > 0 a step has three
+generation rounds one after the other (the probe, then the explorer's and the learner's fills).
+The explorer's samples are off-policy exactly as in fixed allocation, so TIS/IcePop weight them the same way;
 DAPO dynamic sampling afterwards drops the groups that stay all-equal even with explorer samples. Separate
-groups are refused at start-up: the explorer phase would have to be rolled out before the learner's.
+groups are refused at start-up: the explorer phase would have to be rolled out after the learner's.
 """
 
 from __future__ import annotations
@@ -21,13 +24,22 @@ from torch import Tensor
 from megatron_s2l.algo.advantages import dynamic_sampling_mask
 
 
+def probe_split(group_size: int, explorer_budget: int) -> tuple[int, int]:
+    """(learner probe, open slots) of a group of `group_size` whose schedule allows `explorer_budget`
+    (G_w) explorer samples: the slots are min(G_w, floor(G / 2)), the probe the rest of the group."""
+    if group_size < 1 or explorer_budget < 0:
+        raise ValueError(f"group_size={group_size}, explorer_budget={explorer_budget}: need G >= 1 and G_w >= 0")
+    slots = min(explorer_budget, group_size // 2)
+    return group_size - slots, slots
+
+
 def adaptive_explorer_counts(learner_rewards: Tensor, prompt_index: Tensor, num_prompts: int,
                              budget: int) -> Tensor:
     """Return [num_prompts] long: explorer samples for each prompt under adaptive allocation.
 
-    learner_rewards: [N] float, the rewards of the learner samples drawn so far; prompt_index: [N] long in
+    learner_rewards: [N] float, the rewards of the learner's probe; prompt_index: [N] long in
     0..num_prompts-1, each sample's prompt. A prompt whose learner rewards are all equal (compared exactly,
-    as GRPO's zero-variance groups) gets `budget` (the step's G_w); a prompt whose rewards differ gets 0,
+    as GRPO's zero-variance groups) gets `budget` (the step's open slots); a prompt whose rewards differ gets 0,
     and so does a prompt with no learner sample (one the engine dropped: there is nothing to train on).
     """
     if learner_rewards.shape != prompt_index.shape or learner_rewards.dim() != 1:

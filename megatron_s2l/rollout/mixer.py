@@ -7,14 +7,13 @@ learner phase rolled out after the explorer phase's update. Without an explorer 
 GRPO: G learner samples per prompt at every step.
 
 `schedule.allocation='adaptive'` (combined groups only) decides the explorer per prompt
-(`algo.allocation`): the learner draws its full G samples for every prompt and they are scored; only the
-prompts whose learner rewards are all equal then get G_w = ceil(alpha * G) explorer samples, so their group
-holds G + G_w samples and every other group is plain GRPO's G. Rollout compute is GRPO's plus the explorer's
-samples for those prompts (the explorer is the cheaper model); while G_w > 0 a step has two generation
-rounds one after the other (learner, then explorer for the prompts that need it), which also means the two
-engines can never overlap. Both rounds are seeded by (seed, step) and prompt id, so a resumed run draws the
-same samples; an offline explorer cache serves the chosen prompts the same way; each engine replica decides
-for its own prompts, so replicas with more unsolved prompts take longer in the second round.
+(`algo.allocation`): the learner draws a probe of G - S samples for every prompt and they are scored; the
+prompts whose probe rewards are all equal get S explorer samples, the others S more learner samples, so
+every group holds G samples and rollout compute is at most GRPO's. While S > 0 a step has three generation
+rounds one after the other (probe, explorer fill, learner fill), which also means the two engines never
+overlap. Every round is seeded by (seed, step) and prompt id (the learner's fill by the complement of the
+step seed, so its samples differ from the probe's), so a resumed run draws the same samples; an offline
+explorer cache serves the chosen prompts the same way; each engine replica decides for its own prompts.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
-from megatron_s2l.algo.allocation import adaptive_explorer_counts
+from megatron_s2l.algo.allocation import adaptive_explorer_counts, probe_split
 from megatron_s2l.algo.reward_scorer import RewardScorer
 from megatron_s2l.algo.schedule import GroupSplit, explorer_share, group_split
 from megatron_s2l.config import RewardConfig, SamplingConfig, ScheduleConfig
@@ -72,8 +71,9 @@ class S2LMixer:
         if self.engines["explorer"] is None:
             return GroupSplit(0, s.group_size)
         split = group_split(step, s.group_size, s.t_mix, s.kind, s.constant_share, s.group_mode)
-        if s.allocation == "adaptive":  # G_w is then the most a prompt gets, on top of the learner's full G
-            return GroupSplit(split.explorer, s.group_size)
+        if s.allocation == "adaptive":  # (open slots, learner probe): the most a prompt gets from the explorer
+            probe, slots = probe_split(s.group_size, split.explorer)
+            return GroupSplit(slots, probe)
         return split
 
     def explorer_share(self, step: int) -> float:
@@ -95,8 +95,8 @@ class S2LMixer:
 
         combined: one group per prompt with all requested sources; separate: one group per prompt and
         source. A prompt that an engine dropped (too long) gets no group and is counted in `metrics`. The
-        samples are scored in one `scorer.score` call, the learner's first in their own call with
-        `allocation='adaptive'`: they decide which prompts the explorer serves (`algo.allocation`).
+        samples are scored in one `scorer.score` call, the learner's probe first in its own call with
+        `allocation='adaptive'`: it decides which prompts the explorer serves (`algo.allocation`).
         """
         unknown = [s for s in sources if s not in SOURCES]
         if unknown:
@@ -106,21 +106,11 @@ class S2LMixer:
         counts = dict(zip(SOURCES, self.split(step)))
         seed = self.seed * 1_000_003 + step
         order = [s for s in SOURCES if s in sources and counts[s] > 0]
-        adaptive = self.schedule.allocation == "adaptive" and order == list(SOURCES)
-        if adaptive:
-            order.reverse()  # the learner's rewards decide which prompts the explorer serves
-        drawn: dict[Source, list[Optional[list[Sample]]]] = {}  # per prompt; None: the source was not asked
-        for source in order:
-            asked = range(len(prompts))
-            if adaptive and source == "explorer":
-                asked = self._without_signal(drawn["learner"], counts["explorer"])
-            samples = self.engines[source].generate([prompts[i] for i in asked], counts[source],
-                                                    self.sampling[source], seed=seed) if asked else []
-            drawn[source] = [None] * len(prompts)
-            for i, got in zip(asked, samples):
-                drawn[source][i] = got
-            if adaptive and source == "learner":
-                self._score([(prompts[i], s) for i, got in zip(asked, samples) for s in got])
+        if self.schedule.allocation == "adaptive" and order == list(SOURCES):
+            drawn = self._draw_adaptive(prompts, counts["learner"], counts["explorer"], seed)
+        else:
+            drawn = {source: self._draw(source, prompts, range(len(prompts)), counts[source], seed)
+                     for source in order}
         self.metrics = {"rollout/dropped_prompts": 0.0}
         groups, unscored = [], []
         for i, prompt in enumerate(prompts):
@@ -153,11 +143,30 @@ class S2LMixer:
         for sample, reward in zip(samples, rewards):
             sample.reward = float(reward)
 
-    @staticmethod
-    def _without_signal(learner: list[Optional[list[Sample]]], budget: int) -> list[int]:
-        """The prompts that get explorer samples under adaptive allocation, from their learner rewards."""
-        rewards = [s.reward for samples in learner for s in samples or []]
-        index = [i for i, samples in enumerate(learner) for _ in samples or []]
+    def _draw(self, source: Source, prompts: list[Prompt], asked, n: int, seed: int) -> list[Optional[list[Sample]]]:
+        """`n` samples of `source` for each prompt index in `asked`, per prompt (None where not asked)."""
+        asked = list(asked)
+        samples = self.engines[source].generate([prompts[i] for i in asked], n, self.sampling[source],
+                                                seed=seed) if asked else []
+        drawn: list[Optional[list[Sample]]] = [None] * len(prompts)
+        for i, got in zip(asked, samples):
+            drawn[i] = got
+        return drawn
+
+    def _draw_adaptive(self, prompts: list[Prompt], probe: int, slots: int,
+                       seed: int) -> dict[Source, list[Optional[list[Sample]]]]:
+        """The learner's probe for every prompt, then each prompt's open slots: the explorer's where the
+        probe's rewards are all equal, the learner's where they differ (`algo.allocation`)."""
+        learner = self._draw("learner", prompts, range(len(prompts)), probe, seed)
+        self._score([(prompts[i], s) for i, got in enumerate(learner) for s in got or []])
+        rewards = [s.reward for got in learner for s in got or []]
+        index = [i for i, got in enumerate(learner) for _ in got or []]
         counts = adaptive_explorer_counts(torch.tensor(rewards, dtype=torch.float64),
-                                          torch.tensor(index, dtype=torch.long), len(learner), budget)  # [P]
-        return counts.nonzero().flatten().tolist()
+                                          torch.tensor(index, dtype=torch.long), len(prompts), slots)  # [P]
+        to_explorer = counts.nonzero().flatten().tolist()
+        to_learner = [i for i, got in enumerate(learner) if got and counts[i] == 0]
+        explorer = self._draw("explorer", prompts, to_explorer, slots, seed)
+        fill = self._draw("learner", prompts, to_learner, slots, ~seed)
+        for i in to_learner:
+            learner[i] = learner[i] + fill[i] if fill[i] else []  # a fill the engine dropped drops the prompt
+        return {"explorer": explorer, "learner": learner}

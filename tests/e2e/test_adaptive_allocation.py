@@ -2,9 +2,9 @@
 
 The reward is 0 for every response to half of the prompts (chosen by prompt id) and the fraction of even
 token ids for the others, so the learner's groups of the first half never differ in reward and those of the
-second half almost always do. With G=4 and T_mix=3 (G_w = 4, 2, 0, 0), only first-half prompts may get
-explorer samples, all rewarded 0, and a step's explorer share is k * G_w / (k * G_w + 2 * G) for its k such
-prompts. A run of 4 steps is compared with one of 2 steps resumed to 4, metric by metric and tensor by tensor.
+second half almost always do. With G=4 and T_mix=3 (G_w = 4, 2, 0, 0: open slots S = 2, 2, 0, 0 after a
+learner probe of G - S), only first-half prompts may get explorer samples, all rewarded 0, and a step's
+explorer share is k * S / (2 * G) for its k such prompts. A run of 4 steps is compared with one of 2 steps resumed to 4, metric by metric and tensor by tensor.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tests.multiprocess import run_ranks
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
-GROUP, PROMPTS_PER_STEP, EXPLORER_PER_PROMPT = 4, 2, [4, 2, 0, 0]
+GROUP, PROMPTS_PER_STEP, OPEN_SLOTS = 4, 2, [2, 2, 0, 0]
 
 
 class HalfNeverSolvedScorer(EvenTokenScorer):
@@ -53,8 +53,8 @@ def test_adaptive_allocation_trains_and_resumes_exactly(tiny_family, tmp_path):
     served = [int(m["rollout/prompts_with_explorer"]) for m in full]
     assert 0 < served[0] + served[1] < 2 * PROMPTS_PER_STEP  # both kinds of prompt were met while G_w > 0
     assert served[2:] == [0, 0]
-    for m, k, g_w in zip(full, served, EXPLORER_PER_PROMPT):
-        assert m["rollout/explorer_share"] == pytest.approx(k * g_w / (k * g_w + PROMPTS_PER_STEP * GROUP))
+    for m, k, slots in zip(full, served, OPEN_SLOTS):
+        assert m["rollout/explorer_share"] == pytest.approx(k * slots / (PROMPTS_PER_STEP * GROUP))
         assert m.get("reward/explorer", 0.0) == 0.0  # only never-solved prompts were served
     assert all(m["train/optimizer_steps"] >= 1 and m["reward/learner"] > 0 for m in full)  # it really learns
 

@@ -3,7 +3,17 @@
 import pytest
 import torch
 
-from megatron_s2l.algo.allocation import adaptive_explorer_counts, explorer_usage
+from megatron_s2l.algo.allocation import adaptive_explorer_counts, explorer_usage, probe_split
+
+
+def test_probe_split_leaves_at_most_half_the_group_open_and_never_more_than_the_schedule_allows():
+    # (G, G_w) -> (learner probe, open slots)
+    cases = {(8, 8): (4, 4), (8, 5): (4, 4), (8, 3): (5, 3), (8, 1): (7, 1), (8, 0): (8, 0), (5, 5): (3, 2),
+             (16, 11): (8, 8), (1, 1): (1, 0)}
+    for (group, budget), split in cases.items():
+        assert probe_split(group, budget) == split
+    with pytest.raises(ValueError, match="explorer_budget=-1"):
+        probe_split(8, -1)
 
 
 def test_only_prompts_whose_learner_rewards_are_all_equal_get_the_budget():

@@ -161,23 +161,27 @@ def make_adaptive_mixer(learner_skip=()):
     return mixer, calls, scorer
 
 
-def test_adaptive_gives_explorer_samples_only_to_prompts_without_learner_signal():
+def test_adaptive_fills_open_slots_from_the_explorer_only_for_prompts_without_learner_signal():
     mixer, calls, scorer = make_adaptive_mixer()
-    # G_w = ceil(alpha * 5) = 5, 3, 0 at steps 1-3, on top of the learner's full 5
-    for step, g_w in {1: 5, 2: 3, 3: 0}.items():
-        assert mixer.split(step) == (g_w, 5)
+    # G_w = ceil(alpha * 5) = 5, 3, 0 at steps 1-3; open slots S = min(G_w, 5 // 2) = 2, 2, 0; probe 5 - S
+    for step, slots in {1: 2, 2: 2, 3: 0}.items():
+        assert mixer.split(step) == (slots, 5 - slots)
         phases = mixer.phases(step)
-        assert phases == [("explorer", "learner") if g_w else ("learner",)]
+        assert phases == [("explorer", "learner") if slots else ("learner",)]
         groups = mixer.rollout(step, PROMPTS, phases[0])
         assert [g.prompt_id for g in groups] == ["p0", "p1", "p2"]
-        assert [(g.count("explorer"), g.count("learner")) for g in groups] == [(g_w, 5), (0, 5), (g_w, 5)]
-        assert groups[0].rewards == [0.0] * (g_w + 5) and groups[2].rewards == [1.0] * (g_w + 5)
+        assert [(g.count("explorer"), g.count("learner")) for g in groups] == [(slots, 5 - slots), (0, 5),
+                                                                               (slots, 5 - slots)]
+        assert groups[0].rewards == [0.0] * 5 and groups[2].rewards == [1.0] * 5
     seed = lambda step: 9 * 1_000_003 + step  # noqa: E731
-    assert calls == [("learner", ["p0", "p1", "p2"], 5, seed(1)), ("explorer", ["p0", "p2"], 5, seed(1)),
-                     ("learner", ["p0", "p1", "p2"], 5, seed(2)), ("explorer", ["p0", "p2"], 3, seed(2)),
+    # the learner's fill of p1 is seeded by the complement of the step seed: other draws than its probe's
+    assert calls == [("learner", ["p0", "p1", "p2"], 3, seed(1)), ("explorer", ["p0", "p2"], 2, seed(1)),
+                     ("learner", ["p1"], 2, ~seed(1)),
+                     ("learner", ["p0", "p1", "p2"], 3, seed(2)), ("explorer", ["p0", "p2"], 2, seed(2)),
+                     ("learner", ["p1"], 2, ~seed(2)),
                      ("learner", ["p0", "p1", "p2"], 5, seed(3))]
-    # the learner's samples are scored before the explorer is asked, every sample once
-    assert [len(batch) for batch in scorer.batches] == [3 * 5, 2 * 5, 3 * 5, 2 * 3, 3 * 5]
+    # the probe is scored before the explorer is asked, every sample once
+    assert [len(batch) for batch in scorer.batches] == [3 * 3, 3 * 2, 3 * 3, 3 * 2, 3 * 5]
     assert mixer.metrics == {"rollout/dropped_prompts": 0}
 
 
