@@ -2,7 +2,8 @@
 
 `init_parallel` sets up tensor/pipeline/data parallel groups (gloo on CPU, NCCL on GPU) once per
 process; `build_model` returns this rank's pipeline stage of the model. The local (pure megatron-core)
-layer spec runs everywhere; the Transformer Engine spec (`layer_spec="te"`) is imported only when asked.
+layer spec runs everywhere, its core attention fused by torch (`learner.attention`); the Transformer Engine
+spec (`layer_spec="te"`) is imported only when asked.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
 from megatron_s2l.config import FP8Config, ModelConfig, ParallelConfig
+from megatron_s2l.learner.attention import SDPAttention
 from megatron_s2l.learner.cpu_shims import apply_cpu_shims
 from megatron_s2l.learner.fp8 import fp8_transformer_fields, require_transformer_engine
 from megatron_s2l.learner.hf_mapping import padded_vocab_size
@@ -101,7 +103,9 @@ def layer_spec(model: ModelConfig):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
-    return get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def build_model(model: ModelConfig, config: TransformerConfig) -> GPTModel:
