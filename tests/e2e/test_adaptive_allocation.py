@@ -1,10 +1,12 @@
 """Adaptive explorer allocation end to end (CPU, one process): it trains, and resumes exactly.
 
-The reward is 0 for every response to half of the prompts (chosen by prompt id) and the fraction of even
-token ids for the others, so the learner's groups of the first half never differ in reward and those of the
-second half almost always do. With G=4 and T_mix=3 (G_w = 4, 2, 0, 0: open slots S = 2, 2, 0, 0 after a
-learner probe of G - S), only first-half prompts may get explorer samples, all rewarded 0, and a step's
-explorer share is k * S / (2 * G) for its k such prompts. A run of 4 steps is compared with one of 2 steps resumed to 4, metric by metric and tensor by tensor.
+The reward is 0 for every response to half of the prompts (chosen by prompt id) and, for the others, the
+fraction of even token ids plus a tie-breaker below 1e-3 hashed from the response, so the learner's samples
+of the first half never differ in reward and two different responses to the second half always do. With G=4
+and T_mix=3 (G_w = 4, 2, 0, 0: open slots S = 2, 2, 0, 0 after a learner probe of G - S), only first-half
+prompts may get explorer samples, all rewarded 0, and a step's explorer share is k * S / (2 * G) for its k
+such prompts. A run of 4 steps is compared with one of 2 steps resumed to 4, metric by metric and tensor by
+tensor.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ GROUP, PROMPTS_PER_STEP, OPEN_SLOTS = 4, 2, [2, 2, 0, 0]
 
 
 class HalfNeverSolvedScorer(EvenTokenScorer):
-    """0 for every response to a prompt whose id hashes even, the fraction of even token ids otherwise."""
+    """0 for every response to a prompt whose id hashes even; otherwise the fraction of even token ids plus
+    a tie-breaker in [0, 1e-3) hashed from the response ids."""
 
     def score(self, prompts: list[Prompt], samples: list[Sample]) -> list[float]:
         even = super().score(prompts, samples)
-        return [0.0 if zlib.crc32(p.prompt_id.encode()) % 2 == 0 else r for p, r in zip(prompts, even)]
+        return [0.0 if zlib.crc32(p.prompt_id.encode()) % 2 == 0
+                else r + 1e-3 * zlib.crc32(str(s.response_ids).encode()) / 2**32
+                for p, s, r in zip(prompts, samples, even)]
 
 
 def _train(rank: int, world_size: int, cfg_dict: dict) -> list[dict]:
