@@ -6,7 +6,7 @@ them itself (`batch.old_logprobs=None`). Their loss, metrics and gradients agree
 update is exactly on-policy (one mini-batch, one epoch), with no row scored by a separate pass. With
 several mini-batches or epochs the later updates are off-policy: their rows are still scored before
 the first update, shown by a PPO ratio away from 1 (a training pass's own log-probs would give exactly 1).
-Each layout runs on real gloo ranks: TP=1 in one process, TP=2 in two.
+Each layout runs on real gloo ranks: TP=1 in one process, TP=2 and PP=2 in two.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ def _learner(parallel: ParallelConfig, optim: OptimConfig, weights=None):
     return learner
 
 
-def _both_paths(rank, world_size, tp):
+def _both_paths(rank, world_size, tp, pp):
     """Per case: metrics and gradients of `train` with old log-probs given, then taken by the learner."""
-    parallel = ParallelConfig(tensor_model_parallel_size=tp)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     out = {}
     for name, (prompts, epochs) in CASES.items():
         optim = OptimConfig(lr=1e-2, clip_grad=1.0, mini_batch_prompts=prompts, micro_batch_size=3, ppo_epochs=epochs)
@@ -84,10 +84,6 @@ def _check(runs_per_rank: list[dict]) -> None:
 
 
 @pytest.mark.distributed
-def test_old_logprobs_in_pass_match_a_separate_pass_tp1():
-    _check(run_ranks(_both_paths, 1, 1, timeout=TIMEOUT))
-
-
-@pytest.mark.distributed
-def test_old_logprobs_in_pass_match_a_separate_pass_tp2():
-    _check(run_ranks(_both_paths, 2, 2, timeout=TIMEOUT))
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["tp1", "tp2", "pp2"])
+def test_old_logprobs_in_pass_match_a_separate_pass(tp, pp):
+    _check(run_ranks(_both_paths, tp * pp, tp, pp, timeout=TIMEOUT))
