@@ -74,7 +74,7 @@ def run_megatron(model_dir: Path, prompts: Path, steps: int, launched: float) ->
     cfg = S2LConfig.from_dict({
         "seed": SEED, "train_steps": steps, "prompts_per_step": PROMPTS_PER_STEP,
         "learner": {"hf_path": str(model_dir), "params_dtype": "float32"},
-        "learner_engine": {"max_model_len": 160, "kv_cache_memory_bytes": 64 * 2**20, "dtype": "float32"},
+        "learner_engine": {"max_model_len": 160, "dtype": "float32"},
         "learner_sampling": {"temperature": 1.0, "max_new_tokens": MAX_NEW_TOKENS},
         "explorer": {"source": "none"}, "schedule": {"group_size": GROUP_SIZE},
         "loss": {"kl_coef": KL_COEF, "kl_type": "k3"},

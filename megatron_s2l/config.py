@@ -152,7 +152,9 @@ class EngineConfig:
     """A colocated vLLM engine."""
 
     tensor_parallel_size: int = 1
-    kv_cache_memory_bytes: int = 128 * 2**20  # CPU: explicit KV cache size; GPU: see gpu_memory_utilization
+    # CPU: explicit KV cache size (GPU: see gpu_memory_utilization). Size it to hold a step's sequences at once
+    # (blocks of 128 tokens, one block kept back): what does not fit waits for a second wave of decoding
+    kv_cache_memory_bytes: int = 128 * 2**20
     gpu_memory_utilization: float = 0.5
     max_model_len: int = 512
     enforce_eager: bool = True
