@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
@@ -20,13 +19,15 @@ from torch import Tensor
 class SDPAttention(DotProductAttention):
     """`DotProductAttention` (same construction, scale and state) computed by one fused SDPA call.
 
-    Causal attention only, without softmax offsets or sliding windows (the Qwen and Llama families this
+    Causal attention only, without softmax offsets, sliding windows or query-key layer scaling (the Qwen and Llama families this
     project maps); `attention_mask` is Megatron's boolean mask, True where a position may not attend.
     """
 
     def __init__(self, config, layer_number, attn_mask_type, *args, **kwargs):
         super().__init__(config, layer_number, attn_mask_type, *args, **kwargs)
+        # layer scaling divides softmax_scale by the layer number and relies on the unfused softmax to undo it
         unsupported = {"softmax_type": config.softmax_type != "vanilla", "window_size": config.window_size is not None,
+                       "apply_query_key_layer_scaling": config.apply_query_key_layer_scaling,
                        "attn_mask_type": attn_mask_type not in (AttnMaskType.causal, AttnMaskType.arbitrary)}
         if any(unsupported.values()):
             raise ValueError(f"SDPAttention: {[name for name, bad in unsupported.items() if bad]} not supported; "

@@ -1,8 +1,8 @@
 """Skip logic of the GPU suite: every test here needs CUDA; tests marked `te` also need Transformer Engine,
 tests marked `vllm_cuda` a CUDA build of vLLM.
 
-The reason is printed with the skip (`-ra` is in pytest's addopts), so a device session sees at once
-whether CUDA or TE was missing. Transformer Engine is imported only when CUDA is present: on a CPU
+The reason is printed with the skip (`-ra` is in pytest's addopts), so whoever runs the suite on a GPU node
+sees at once whether CUDA or TE was missing. Transformer Engine is imported only when CUDA is present: on a CPU
 machine its import is never attempted.
 """
 
