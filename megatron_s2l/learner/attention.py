@@ -19,8 +19,9 @@ from torch import Tensor
 class SDPAttention(DotProductAttention):
     """`DotProductAttention` (same construction, scale and state) computed by one fused SDPA call.
 
-    Causal attention only, without softmax offsets, sliding windows or query-key layer scaling (the Qwen and Llama families this
-    project maps); `attention_mask` is Megatron's boolean mask, True where a position may not attend.
+    Causal attention only, without softmax offsets, sliding windows or query-key layer scaling (the Qwen
+    and Llama families this project maps); `attention_mask` is Megatron's boolean mask, True where a position
+    may not attend.
     """
 
     def __init__(self, config, layer_number, attn_mask_type, *args, **kwargs):
