@@ -356,6 +356,9 @@ def main(argv=None) -> None:
                            env=os.environ | {"PYTHONPATH": str(REPO), "MASTER_PORT": str(_free_port())})
             records.append(json.loads(path.read_text()))
             print(f"{method} seed {seed}: {time.time() - started:.0f} s", flush=True)
+    if not records:
+        sys.exit(f"no run in {args.out / 'runs'} matches --methods, --seeds, --steps and the overrides given: "
+                 f"pass those of the runs to summarise")
     summary = summarise(records)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
