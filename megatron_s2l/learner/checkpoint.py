@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from megatron_s2l.learner.cpu_shims import on_cpu
+
 LATEST = "latest"
 _REFERENCE_PREFIX = "reference."  # the reference model's tensors, next to the policy's under the same names
 
@@ -44,6 +46,7 @@ def latest_step(root: str | Path) -> int | None:
     return int(text)
 
 
+@on_cpu
 def save_checkpoint(save_dir: str | Path, step: int, learner_or_model_chunks, optimizer=None, *,
                     state: dict | None = None) -> Path:
     """Save a checkpoint of `step` (collective over all ranks) and make it the latest; returns its directory.
@@ -76,6 +79,7 @@ def save_checkpoint(save_dir: str | Path, step: int, learner_or_model_chunks, op
     return target
 
 
+@on_cpu
 def load_checkpoint(load_dir: str | Path, learner_or_model_chunks, optimizer=None) -> tuple[int, dict] | None:
     """Load the latest complete checkpoint under `load_dir` into this rank's shards (collective).
 

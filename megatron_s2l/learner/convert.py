@@ -30,6 +30,7 @@ from megatron_s2l.config import ConfigError, LayerSpec, ModelConfig, ParallelCon
 from megatron_s2l.console import add_verbose_flag, exit_with_error
 from megatron_s2l.constants import DEMO_TOKENIZER_FILE
 from megatron_s2l.learner.checkpoint import checkpoint_dir, latest_step, load_checkpoint, save_checkpoint
+from megatron_s2l.learner.cpu_shims import on_cpu
 from megatron_s2l.learner.hf_config import model_config_from_hf
 from megatron_s2l.learner.hf_mapping import EMBEDDING, padded_vocab_size
 from megatron_s2l.learner.hf_weights import load_hf_weights, save_hf_dir
@@ -43,6 +44,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@on_cpu
 def hf_to_megatron(hf_dir: str | Path, save_dir: str | Path, parallel: ParallelConfig, *,
                    layer_spec: LayerSpec = "local", make_vocab_size_divisible_by: int = 1) -> Path:
     """Convert the HF model in `hf_dir` into a model-only checkpoint (step 0) under `save_dir`.
@@ -70,6 +72,7 @@ def hf_to_megatron(hf_dir: str | Path, save_dir: str | Path, parallel: ParallelC
     return save_checkpoint(save_dir, 0, [model], state=state)
 
 
+@on_cpu
 def megatron_to_hf(load_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig, *,
                    hf_config_path: str | Path | None = None, layer_spec: LayerSpec | None = None,
                    tokenizer_dir: str | Path | None = None, max_shard_bytes: int = 5 * 2**30,

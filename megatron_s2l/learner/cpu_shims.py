@@ -4,12 +4,19 @@ megatron-core assumes CUDA in a handful of places. `apply_cpu_shims()` patches e
 process, and only when CUDA is absent: on a GPU it does nothing, so these can never change GPU runs.
 Each shim below says which megatron-core code needs it (measured with megatron-core 0.16.1). One more
 setting is for speed: the process keeps freed tensor memory instead of unmapping it (`_keep_freed_memory`).
+
+`device="cuda"` arguments are rewritten by a torch function mode, which sees every torch call made under
+it; it is entered only while megatron-core runs (`megatron_on_cpu`, around the learner's entry points), so
+that a colocated vLLM engine, whose decoding makes tens of thousands of small torch calls per step, does
+not pay for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import functools
 import multiprocessing
 import multiprocessing.queues
 
@@ -17,6 +24,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _applied = False
+_mode_depth = 0  # megatron_on_cpu contexts entered (the mode is pushed once)
 
 
 def apply_cpu_shims() -> None:
@@ -30,8 +38,35 @@ def apply_cpu_shims() -> None:
     _patch_tensor_type()
     _patch_checkpoint_queue()
     _keep_freed_memory()
-    _CudaToCpu().__enter__()  # stays on the mode stack for the life of the process
     _applied = True
+
+
+@contextlib.contextmanager
+def megatron_on_cpu():
+    """Run megatron-core code on CPU: the shims applied, and its `device="cuda"` arguments made CPU (a no-op
+    with CUDA; re-entrant)."""
+    global _mode_depth
+    apply_cpu_shims()
+    if not _applied or _mode_depth:
+        yield
+        return
+    _mode_depth += 1
+    try:
+        with _CudaToCpu():
+            yield
+    finally:
+        _mode_depth -= 1
+
+
+def on_cpu(function):
+    """Decorator form of `megatron_on_cpu` for the functions through which megatron-core is entered."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with megatron_on_cpu():
+            return function(*args, **kwargs)
+
+    return wrapper
 
 
 def _cpu_get_rng_state(device=None) -> torch.Tensor:

@@ -20,7 +20,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_s2l.config import FP8Config, ModelConfig, ParallelConfig
 from megatron_s2l.learner.attention import SDPAttention
-from megatron_s2l.learner.cpu_shims import apply_cpu_shims
+from megatron_s2l.learner.cpu_shims import on_cpu
 from megatron_s2l.learner.fp8 import fp8_transformer_fields, require_transformer_engine
 from megatron_s2l.learner.hf_mapping import padded_vocab_size
 
@@ -31,13 +31,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@on_cpu
 def init_parallel(parallel: ParallelConfig, seed: int) -> None:
     """Initialise torch.distributed (from torchrun's env, or a single process) and Megatron's groups.
 
     Idempotent for the same layout. Seeds Megatron's model-parallel RNG tracker so that TP ranks draw
     the same dropout masks where they must and different ones where they must not.
     """
-    apply_cpu_shims()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))  # a lone process: any free port
@@ -108,6 +108,7 @@ def layer_spec(model: ModelConfig):
     return spec
 
 
+@on_cpu
 def build_model(model: ModelConfig, config: TransformerConfig) -> GPTModel:
     """This rank's pipeline stage of the GPT; `init_parallel` must have run.
 

@@ -38,6 +38,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_s2l.algo.logprobs import vocab_parallel_logprobs
 from megatron_s2l.algo.loss import accumulate_metrics, all_reduce_metrics, finalize_metrics, grpo_loss
 from megatron_s2l.config import FP8Config, LossConfig, ModelConfig, OptimConfig, ParallelConfig
+from megatron_s2l.learner.cpu_shims import on_cpu
 from megatron_s2l.learner.hf_weights import load_hf_weights
 from megatron_s2l.learner.model import build_model, init_parallel, transformer_config
 from megatron_s2l.learner.packing import block_causal_mask, cu_seqlens, pack, plan_packing, segment_ids, unpack
@@ -53,6 +54,7 @@ class Learner:
     Collective: every rank of the job constructs it and calls each method with the same arguments.
     """
 
+    @on_cpu
     def __init__(self, model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, loss: LossConfig,
                  fp8: FP8Config, *, seed: int, with_reference: bool):
         if optim.pack_sequences and model.layer_spec == "te" and model.params_dtype == "float32":
@@ -90,6 +92,7 @@ class Learner:
             self.reference_chunks = [reference]
             self.update_reference()
 
+    @on_cpu
     def load_hf(self, state: Mapping[str, torch.Tensor]) -> None:
         """Start from HF weights (`state`: HF names -> full tensors): policy, optimizer copies and reference."""
         load_hf_weights(self.model_chunks, self.model_config, state)
@@ -97,6 +100,7 @@ class Learner:
         if self.reference_chunks:
             self.update_reference()
 
+    @on_cpu
     def update_reference(self) -> None:
         """Copy the policy's current weights into the frozen reference (at start, or to refresh it)."""
         if not self.reference_chunks:
@@ -104,6 +108,7 @@ class Learner:
         for reference, policy in zip(self.reference_chunks, self.model_chunks):
             reference.load_state_dict(policy.state_dict())
 
+    @on_cpu
     @torch.no_grad()
     def logprobs(self, batch: TrainBatch, reference: bool = False) -> torch.Tensor:
         """Per-token log-probs [B, L-1] fp32 of `batch.tokens` under the policy (or the reference).
@@ -129,6 +134,7 @@ class Learner:
                            group=parallel_state.get_pipeline_model_parallel_group())
         return _gather_data_parallel_rows(local, batch.size).cpu()
 
+    @on_cpu
     def train(self, batch: TrainBatch, *, max_response_len: int | None = None) -> dict[str, float]:
         """PPO epochs over mini-batches of `optim.mini_batch_prompts` groups, one optimizer step each.
 
@@ -190,6 +196,7 @@ class Learner:
             old[~in_pass] = self.logprobs(batch.select(~in_pass))
         return dataclasses.replace(batch, old_logprobs=old), in_pass
 
+    @on_cpu
     def sft_step(self, tokens: torch.Tensor, loss_mask: torch.Tensor) -> float:
         """One optimizer step of token-mean cross-entropy on `tokens` [B, L] where `loss_mask` [B, L-1].
 

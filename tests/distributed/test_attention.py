@@ -19,6 +19,7 @@ def _compare(rank: int, world_size: int) -> dict:
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_s2l.learner.attention import SDPAttention
+    from megatron_s2l.learner.cpu_shims import megatron_on_cpu
     from megatron_s2l.learner.model import init_parallel
     from megatron_s2l.learner.packing import block_causal_mask
 
@@ -37,7 +38,8 @@ def _compare(rank: int, world_size: int) -> dict:
         outputs, grads = [], []
         for attention in (reference, fused):
             inputs = [t.clone().requires_grad_() for t in (query, key, value)]
-            out = attention(*inputs, mask)  # [SEQ, BATCH, HEADS * HEAD_DIM]
+            with megatron_on_cpu():  # the reference builds its causal mask with device="cuda"
+                out = attention(*inputs, mask)  # [SEQ, BATCH, HEADS * HEAD_DIM]
             out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
             outputs.append(out.detach())
             grads.append([t.grad for t in inputs])
