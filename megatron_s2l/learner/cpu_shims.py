@@ -24,7 +24,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _applied = False
-_mode_depth = 0  # megatron_on_cpu contexts entered (the mode is pushed once)
+_mode_entered = False  # an outer megatron_on_cpu holds the mode: inner ones leave it be
 
 
 def apply_cpu_shims() -> None:
@@ -45,17 +45,17 @@ def apply_cpu_shims() -> None:
 def megatron_on_cpu():
     """Run megatron-core code on CPU: the shims applied, and its `device="cuda"` arguments made CPU (a no-op
     with CUDA; re-entrant)."""
-    global _mode_depth
+    global _mode_entered
     apply_cpu_shims()
-    if not _applied or _mode_depth:
+    if not _applied or _mode_entered:
         yield
         return
-    _mode_depth += 1
+    _mode_entered = True
     try:
         with _CudaToCpu():
             yield
     finally:
-        _mode_depth -= 1
+        _mode_entered = False
 
 
 def on_cpu(function):
@@ -154,7 +154,9 @@ def _patch_checkpoint_queue() -> None:
     filesystem_async._get_write_results_queue = fork_queue
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+# glibc's mallopt parameter (malloc.h), its environment-variable twin and the value that keeps freed memory
+_KEEP_FREED_MEMORY = ((-4, "MALLOC_MMAP_MAX_", 0), (-1, "MALLOC_TRIM_THRESHOLD_", 2**31 - 1))
+KEEP_FREED_MEMORY_ENV = {name: str(value) for _, name, value in _KEEP_FREED_MEMORY}  # the same, for a new process
 
 
 def _keep_freed_memory() -> None:
@@ -166,8 +168,8 @@ def _keep_freed_memory() -> None:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return
-    mallopt(_M_MMAP_MAX, 0)
-    mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    for parameter, _, value in _KEEP_FREED_MEMORY:
+        mallopt(parameter, value)
 
 
 class _ArrivedQueue(multiprocessing.queues.Queue):
