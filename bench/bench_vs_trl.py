@@ -18,9 +18,10 @@ on prepacked CPU linears: "'Parameter' object has no attribute 'weight_loader'")
 TRL is not a dependency of the project: install the `trl` extra (`pip install -e .[trl]`) into the venv, or
 into a separate interpreter passed with --trl-python (it needs this repository importable and the same torch).
 
-Phases per step: generation (the engine or `generate`), reward, old log-probs (a separate pass; TRL skips it
-when the update is on-policy, and so does megatron-s2l now), reference log-probs, update (forward, backward,
-optimizer; the rest of the step), refit (weights into vLLM). Reported: medians over steps 3..N of every run of
+Phases per step, timed around the same calls on both sides: generation (the engine or `generate`), reward
+(the scorer's call; megatron-s2l's decodes the responses in it too), old log-probs (a separate pass; TRL skips
+it when the update is on-policy, and so does megatron-s2l), reference log-probs (the reference model's pass),
+refit (weights into vLLM), update (forward, backward, optimizer: the rest of the step). Reported: medians over steps 3..N of every run of
 a side, the spread of the per-run medians, the ratio to TRL's best mode, peak resident memory of the process,
 and the time from process launch to the end of the first step.
 
@@ -68,6 +69,21 @@ def write_job(out: Path, num_prompts: int) -> tuple[Path, Path]:
     return model_dir, prompts
 
 
+def phase_timer(current: dict[str, float]):
+    """`timed(name_of, method)`: `method` adding its seconds to `current[name_of(args, kwargs)]` (None: not counted)."""
+    def timed(name_of, method):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return method(*a, **k)
+            finally:
+                name = name_of(a, k)
+                if name:
+                    current[name] = current.get(name, 0.0) + time.perf_counter() - start
+        return wrapper
+    return timed
+
+
 # -- the megatron-s2l side --------------------------------------------------------------------------------
 
 def run_megatron(model_dir: Path, prompts: Path, steps: int, launched: float, *, compiled: bool = False) -> dict:
@@ -85,39 +101,38 @@ def run_megatron(model_dir: Path, prompts: Path, steps: int, launched: float, *,
         "optim": {"lr": LR, "mini_batch_prompts": PROMPTS_PER_STEP, "micro_batch_size": PROMPTS_PER_STEP * GROUP_SIZE},
         "data": {"train_path": str(prompts), "prompt_template": "raw", "max_prompt_length": MAX_PROMPT_LENGTH},
     })
-    generation: list[float] = []
+    current: dict[str, float] = {}
+    timed = phase_timer(current)
     steps_out: list[dict] = []
-    build_rollout_phase, train_step = loop.build_rollout_phase, loop.train_step
+    build_learner, build_rollout_phase, train_step = loop.build_learner, loop.build_rollout_phase, loop.train_step
+
+    def timed_learner(*args, **kwargs):
+        learner = build_learner(*args, **kwargs)
+        learner.logprobs = timed(lambda a, k: "ref_logprobs" if k.get("reference") else "old_logprobs",
+                                 learner.logprobs)
+        return learner
 
     def timed_rollout_phase(*args, **kwargs):
         phase = build_rollout_phase(*args, **kwargs)
         engine = phase.mixer.engines["learner"]
-        generate = engine.generate
-
-        def timed_generate(*a, **k):
-            start = time.perf_counter()
-            try:
-                return generate(*a, **k)
-            finally:
-                generation.append(time.perf_counter() - start)
-
-        engine.generate = timed_generate
+        engine.generate = timed(lambda a, k: "generation", engine.generate)
+        phase.mixer.scorer.score = timed(lambda a, k: "reward", phase.mixer.scorer.score)
         return phase
 
     def timed_train_step(*args, **kwargs):
+        current.clear()
         start = time.perf_counter()
         metrics = train_step(*args, **kwargs)
         whole = time.perf_counter() - start
-        gen = generation.pop()
-        steps_out.append({"whole": whole, "generation": gen, "reward": metrics["time/rollout"] - gen,
-                          "old_logprobs": 0.0, "ref_logprobs": metrics.get("time/logprobs", 0.0),
-                          "update": metrics["time/train"], "refit": metrics.get("time/refit", 0.0),
+        phases = {name: current.get(name, 0.0) for name in PHASES if name not in ("update", "refit")}
+        phases["refit"] = metrics.get("time/refit", 0.0)
+        steps_out.append({"whole": whole, **phases, "update": whole - sum(phases.values()),
                           "first_step_end": time.time() - launched if not steps_out else None,
                           "tokens": metrics["rollout/tokens"], "reward_mean": metrics["reward/mean"],
                           "old_logprob_rows": metrics.get("train/old_logprob_rows", 0.0)})
         return metrics
 
-    loop.build_rollout_phase, loop.train_step = timed_rollout_phase, timed_train_step
+    loop.build_learner, loop.build_rollout_phase, loop.train_step = timed_learner, timed_rollout_phase, timed_train_step
     loop.train(cfg)
     return {"steps": steps_out}
 
@@ -156,17 +171,7 @@ def run_trl(model_dir: Path, prompts: Path, steps: int, launched: float, out: Pa
     trainer = GRPOTrainer(model=model, reward_funcs=math_reward, args=args, train_dataset=dataset,
                           processing_class=transformers.AutoTokenizer.from_pretrained(model_dir))
     current: dict[str, float] = {}
-
-    def timed(name_of, method):
-        def wrapper(*a, **k):
-            start = time.perf_counter()
-            try:
-                return method(*a, **k)
-            finally:
-                name = name_of(a, k)
-                if name:
-                    current[name] = current.get(name, 0.0) + time.perf_counter() - start
-        return wrapper
+    timed = phase_timer(current)
 
     def logprob_phase(a, k):
         if torch.is_grad_enabled():

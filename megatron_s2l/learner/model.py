@@ -2,8 +2,8 @@
 
 `init_parallel` sets up tensor/pipeline/data parallel groups (gloo on CPU, NCCL on GPU) once per
 process; `build_model` returns this rank's pipeline stage of the model. The local (pure megatron-core)
-layer spec runs everywhere, its core attention fused by torch (`learner.attention`); the Transformer Engine
-spec (`layer_spec="te"`) is imported only when asked.
+layer spec runs everywhere, its core attention fused by torch (`learner.attention`) and its SwiGLU one
+product (`learner.mlp`); the Transformer Engine spec (`layer_spec="te"`) is imported only when asked.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from megatron_s2l.learner.attention import SDPAttention
 from megatron_s2l.learner.cpu_shims import on_cpu
 from megatron_s2l.learner.fp8 import fp8_transformer_fields, require_transformer_engine
 from megatron_s2l.learner.hf_mapping import padded_vocab_size
+from megatron_s2l.learner.mlp import SwiGLUMLP
 
 
 def _free_port() -> int:
@@ -105,6 +106,7 @@ def layer_spec(model: ModelConfig):
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec.submodules.mlp.module = SwiGLUMLP
     return spec
 
 
