@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core.transformer.mlp import MLP
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from torch import Tensor
 
 
 class SwiGLUMLP(MLP):
     """`MLP` (same construction, weights and sharding) with the SwiGLU as one product of the fc1 halves.
-    Dense SwiGLU without biases, clamping or offset only (the Qwen and Llama families this project maps)."""
+    Dense SwiGLU without biases, clamping or offset only (the Qwen and Llama families this project maps).
 
-    def __init__(self, config, submodules, *args, **kwargs):
-        super().__init__(config, submodules, *args, **kwargs)
+    A layer spec names the class itself, not a ModuleSpec: megatron-core then builds it from the config
+    alone (the linears default to the local spec's) and, as for its own MLP by default, the tensor-parallel
+    group comes from parallel_state; for a ModuleSpec of a class it does not know it would log a warning.
+    """
+
+    def __init__(self, config, submodules: MLPSubmodules | None = None, **kwargs):
+        super().__init__(config, submodules or MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                             linear_fc2=RowParallelLinear), **kwargs)
         unsupported = {"gated_linear_unit=False": not config.gated_linear_unit,
                        "activation_func other than silu": config.activation_func is not F.silu,
                        "add_bias_linear": config.add_bias_linear,

@@ -106,7 +106,7 @@ def layer_spec(model: ModelConfig):
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    spec.submodules.mlp.module = SwiGLUMLP
+    spec.submodules.mlp = SwiGLUMLP
     return spec
 
 
