@@ -21,9 +21,9 @@ into a separate interpreter passed with --trl-python (it needs this repository i
 Phases per step, timed around the same calls on both sides: generation (the engine or `generate`), reward
 (the scorer's call; megatron-s2l's decodes the responses in it too), old log-probs (a separate pass; TRL skips
 it when the update is on-policy, and so does megatron-s2l), reference log-probs (the reference model's pass),
-refit (weights into vLLM), update (forward, backward, optimizer: the rest of the step). Reported: medians over steps 3..N of every run of
-a side, the spread of the per-run medians, the ratio to TRL's best mode, peak resident memory of the process,
-and the time from process launch to the end of the first step.
+refit (weights into vLLM), update (forward, backward, optimizer: the rest of the step). Reported: medians over
+steps 3..N of every run of a side, the spread of the per-run medians, the ratio to TRL's best mode, peak
+resident memory of the process, and the time from process launch to the end of the first step.
 
 Usage: .venv/bin/python bench/bench_vs_trl.py [--rounds 2] [--steps 12]
        [--sides megatron megatron_compiled trl trl_malloc] [--trl-python PATH] [--threads 2] [--out DIR]
@@ -84,6 +84,12 @@ def phase_timer(current: dict[str, float]):
     return timed
 
 
+def phase_seconds(current: dict[str, float], whole: float) -> dict[str, float]:
+    """One step's record: the timed phases in `current` (0 where absent) and update as the rest of the step."""
+    phases = {name: current.get(name, 0.0) for name in PHASES if name != "update"}
+    return {"whole": whole, **phases, "update": whole - sum(phases.values())}
+
+
 # -- the megatron-s2l side --------------------------------------------------------------------------------
 
 def run_megatron(model_dir: Path, prompts: Path, steps: int, launched: float, *, compiled: bool = False) -> dict:
@@ -124,9 +130,8 @@ def run_megatron(model_dir: Path, prompts: Path, steps: int, launched: float, *,
         start = time.perf_counter()
         metrics = train_step(*args, **kwargs)
         whole = time.perf_counter() - start
-        phases = {name: current.get(name, 0.0) for name in PHASES if name not in ("update", "refit")}
-        phases["refit"] = metrics.get("time/refit", 0.0)
-        steps_out.append({"whole": whole, **phases, "update": whole - sum(phases.values()),
+        current["refit"] = metrics.get("time/refit", 0.0)
+        steps_out.append({**phase_seconds(current, whole),
                           "first_step_end": time.time() - launched if not steps_out else None,
                           "tokens": metrics["rollout/tokens"], "reward_mean": metrics["reward/mean"],
                           "old_logprob_rows": metrics.get("train/old_logprob_rows", 0.0)})
@@ -191,8 +196,7 @@ def run_trl(model_dir: Path, prompts: Path, steps: int, launched: float, out: Pa
 
         def on_step_end(self, args, state, control, **kwargs):
             whole = time.perf_counter() - current.pop("start")
-            phases = {name: current.get(name, 0.0) for name in PHASES if name != "update"}
-            steps_out.append({"whole": whole, **phases, "update": whole - sum(phases.values()),
+            steps_out.append({**phase_seconds(current, whole),
                               "first_step_end": time.time() - launched if not steps_out else None})
 
     trainer.add_callback(StepTimer())
