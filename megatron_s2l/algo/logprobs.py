@@ -53,6 +53,12 @@ def _workspace(logits: Tensor, chunk_size: Optional[int], with_entropy: bool) ->
     return logits.new_empty((2 if with_entropy else 1, rows, logits.shape[-1]), dtype=torch.float32)
 
 
+def _as_fp32(x: Tensor, scratch: Tensor) -> Tensor:
+    """`x` itself when fp32 (read in place: one pass less), else copied into the fp32 `scratch` of its shape.
+    Subtracting from low-precision `x` straight into fp32 would cast it into a temporary of scratch's size."""
+    return x if x.dtype == torch.float32 else scratch.copy_(x)
+
+
 def _forward_chunk(x: Tensor, targets: Tensor, group, vocab_start: int, work: Tensor, with_entropy: bool):
     """Statistics of one chunk of tokens: x [n, V_valid] any dtype (this shard's real, unpadded columns;
     possibly none), targets [n] global ids, work the chunk's scratch [1 or 2, n, >= V_valid].
@@ -61,12 +67,12 @@ def _forward_chunk(x: Tensor, targets: Tensor, group, vocab_start: int, work: Te
     None, and how many shards own each target [n] (1 everywhere for valid targets).
     """
     v_valid = x.shape[-1]
-    z = work[0, :, :v_valid].copy_(x)  # [n, V_valid] fp32 x
+    x = _as_fp32(x, work[0, :, :v_valid])  # [n, V_valid]
     # A shard holding only padding contributes -inf to the max and nothing to the sums.
-    m = z.max(dim=-1).values if v_valid else z.new_full(z.shape[:1], float("-inf"))  # [n]
+    m = x.amax(dim=-1) if v_valid else work.new_full(x.shape[:1], float("-inf"))  # [n]
     if _shards(group):
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    z.sub_(m.unsqueeze(-1))  # [n, V_valid] x - m <= 0
+    z = torch.sub(x, m.unsqueeze(-1), out=work[0, :, :v_valid])  # [n, V_valid] x - m <= 0
     local = targets - vocab_start  # [n]
     owned = (local >= 0) & (local < v_valid)  # [n]
     z_target = (z.gather(-1, local.clamp(0, v_valid - 1).unsqueeze(-1)).squeeze(-1) if v_valid
@@ -126,7 +132,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         centre = (expectation - log_s).unsqueeze(-1) if ctx.with_entropy else None  # [N, 1] E_p[x] - log Z
         work = _workspace(logits, ctx.chunk_size, ctx.with_entropy)  # [1 or 2, chunk, V_local]
         for a, b in _chunks(logits.shape[0], ctx.chunk_size):
-            z = work[0, :b - a, :v_valid].copy_(logits[a:b, :v_valid]).sub_(log_z[a:b])  # [n, V_valid] log p
+            x = _as_fp32(logits[a:b, :v_valid], work[0, :b - a, :v_valid])  # [n, V_valid]
+            z = torch.sub(x, log_z[a:b], out=work[0, :b - a, :v_valid])  # [n, V_valid] log p
             g = grad_logp[a:b].unsqueeze(-1)  # [n, 1]
             if ctx.with_entropy:
                 p = torch.exp(z, out=work[1, :b - a, :v_valid])  # [n, V_valid] softmax over the full vocabulary
