@@ -19,7 +19,7 @@ TRL is not a dependency of the project: install the `trl` extra (`pip install -e
 into a separate interpreter passed with --trl-python (it needs this repository importable and the same torch).
 
 Phases per step, timed around the same calls on both sides: generation (the engine or `generate`), reward
-(the scorer's call; megatron-s2l's decodes the responses in it too), old log-probs (a separate pass; TRL skips
+(decoding the responses and the scorer's call), old log-probs (a separate pass; TRL skips
 it when the update is on-policy, and so does megatron-s2l), reference log-probs (the reference model's pass),
 refit (weights into vLLM), update (forward, backward, optimizer: the rest of the step). Reported: medians over
 steps 3..N of every run of a side, the spread of the per-run medians, the ratio to TRL's best mode, peak
@@ -186,6 +186,8 @@ def run_trl(model_dir: Path, prompts: Path, steps: int, launched: float, out: Pa
 
     trainer._generate_single_turn = timed(lambda a, k: "generation", trainer._generate_single_turn)
     trainer._calculate_rewards = timed(lambda a, k: "reward", trainer._calculate_rewards)
+    # megatron-s2l's scorer decodes the responses itself; TRL decodes them before its reward call
+    trainer.processing_class.batch_decode = timed(lambda a, k: "reward", trainer.processing_class.batch_decode)
     trainer._get_per_token_logps_and_entropies = timed(logprob_phase, trainer._get_per_token_logps_and_entropies)
     steps_out: list[dict] = []
 
