@@ -8,6 +8,7 @@ product (`learner.mlp`); the Transformer Engine spec (`layer_spec="te"`) is impo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -132,3 +133,35 @@ def build_model(model: ModelConfig, config: TransformerConfig) -> GPTModel:
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     return gpt
+
+
+@contextlib.contextmanager
+def logits_only_at(model: torch.nn.Module, scored: torch.Tensor):
+    """While active, the last stage's output layer projects only the hidden states at `scored` positions.
+
+    `scored`: bool, the model input's [b, s] layout (THD: [1, s]), True where a target is scored. The
+    model then returns logits [1, N, V/TP] for the N scored positions in row-major order instead of
+    [b, s, V/TP]: prompt and padding positions cost no vocabulary projection and no log-prob arithmetic,
+    as TRL's `logits_to_keep` skips the prompt. `model` may be wrapped (DDP); other stages run unchanged.
+    """
+    gpt = model
+    while not isinstance(gpt, GPTModel):
+        gpt = gpt.module
+    output_layer = getattr(gpt, "output_layer", None) if gpt.post_process else None
+    if output_layer is None:
+        yield
+        return
+    if output_layer.sequence_parallel:
+        raise ValueError("logits_only_at: the output layer is sequence-parallel; its input is a shard of the "
+                         "sequence, so positions cannot be selected before it gathers them")
+
+    def select(_, args):
+        hidden = args[0]  # [s, b, h]
+        return (hidden.transpose(0, 1)[scored.reshape(hidden.shape[1], hidden.shape[0])].unsqueeze(1),
+                *args[1:])  # [N, 1, h]
+
+    handle = output_layer.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -3,7 +3,8 @@
 Everything goes through megatron-core's own pieces: `build_model` (GPTModel) wrapped in megatron DDP,
 `get_megatron_optimizer` (Adam, grad clipping, optional distributed optimizer), `OptimizerParamScheduler`
 and `get_forward_backward_func` (no pipelining at PP=1, 1F1B at PP>1). Per-token log-probs come from the
-vocab-parallel logits on the last pipeline stage (`algo.logprobs`), the loss from `algo.loss.grpo_loss`.
+vocab-parallel logits on the last pipeline stage (`algo.logprobs`), projected at the response positions only
+(`model.logits_only_at`), the loss from `algo.loss.grpo_loss`.
 
 Data layout: every rank passes the same full batch. Rows are sharded over data-parallel ranks (by whole
 groups for training), each shard is cut into micro-batches of `optim.micro_batch_size` sequences trimmed
@@ -40,7 +41,7 @@ from megatron_s2l.algo.loss import accumulate_metrics, all_reduce_metrics, final
 from megatron_s2l.config import FP8Config, LossConfig, ModelConfig, OptimConfig, ParallelConfig
 from megatron_s2l.learner.cpu_shims import on_cpu
 from megatron_s2l.learner.hf_weights import load_hf_weights
-from megatron_s2l.learner.model import build_model, init_parallel, transformer_config
+from megatron_s2l.learner.model import build_model, init_parallel, logits_only_at, transformer_config
 from megatron_s2l.learner.packing import block_causal_mask, cu_seqlens, pack, plan_packing, segment_ids, unpack
 from megatron_s2l.types import TrainBatch
 
@@ -113,8 +114,8 @@ class Learner:
     def logprobs(self, batch: TrainBatch, reference: bool = False) -> torch.Tensor:
         """Per-token log-probs [B, L-1] fp32 of `batch.tokens` under the policy (or the reference).
 
-        The same full tensor is returned on every rank. Positions after a micro-batch's last masked
-        position (packed: after the sequence's own last masked position) are 0: never scored.
+        The same full tensor is returned on every rank. Positions outside `batch.response_mask` are 0:
+        never scored, and the model projects no logits there.
         """
         if reference and not self.reference_chunks:
             raise ValueError("logprobs(reference=True): this Learner was built with with_reference=False")
@@ -256,23 +257,24 @@ class Learner:
     # -- per-micro-batch outputs on the last pipeline stage ---------------------------------------------
 
     def _token_logprobs(self, micro: MicroBatch, logits: torch.Tensor, with_entropy: bool = False):
-        """Log-probs (and entropy) [m, T] of the micro-batch targets from vocab-parallel `logits` [m, T, V/TP].
-
-        Packed micro-batches are scored on their [R, T] rows (THD logits arrive as [1, R*T, V/TP]) and
-        returned unpacked, one row per sequence, aligned with `micro["mask"]`.
+        """Log-probs (and entropy) [m, T] of the micro-batch targets from vocab-parallel `logits` [1, N, V/TP]
+        at its N scored positions (`_forward`), 0 elsewhere, aligned with `micro["mask"]`; packed micro-batches
+        are placed on their [R, T] rows and returned unpacked, one row per sequence.
         """
-        targets = micro["targets"]  # [m, T] or packed [R, T]
-        logits = logits.reshape(*targets.shape, logits.shape[-1])  # [m, T, V/TP]
+        targets, scored = micro["targets"], micro["scored"]  # [m, T] or packed [R, T]
         vocab_start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]  # equal shards
         logprobs, entropy = vocab_parallel_logprobs(
-            logits, targets, vocab_start=vocab_start, vocab_size=self.model_config.vocab_size,
-            with_entropy=with_entropy, group=parallel_state.get_tensor_model_parallel_group(),
+            logits.reshape(1, -1, logits.shape[-1]), targets[scored].unsqueeze(0),  # [1, N, V/TP], [1, N]
+            vocab_start=vocab_start, vocab_size=self.model_config.vocab_size, with_entropy=with_entropy,
+            group=parallel_state.get_tensor_model_parallel_group(),
             chunk_size=self.optim_config.logprob_chunk_size or None)
-        packing = micro.get("packing")
-        if packing is None:
-            return logprobs, entropy
-        length = micro["mask"].shape[1]
-        return unpack(logprobs, packing, length), None if entropy is None else unpack(entropy, packing, length)
+
+        def per_position(values):  # [1, N] -> [m, T] (packed: [R, T] -> unpacked [m, T]), 0 where not scored
+            placed = values.new_zeros(targets.shape).masked_scatter(scored, values)
+            packing = micro.get("packing")
+            return placed if packing is None else unpack(placed, packing, micro["mask"].shape[1])
+
+        return per_position(logprobs), None if entropy is None else per_position(entropy)
 
     def _logprob_output(self, micro: MicroBatch, logits: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
         # forward-only schedules call this with non_loss_data=True and store what it returns
@@ -318,27 +320,30 @@ class Learner:
         for rows, plan in parts:
             length = int(lengths[rows].max())
             batch = {"rows": rows, "tokens": tokens[rows, :length], "targets": tokens[rows, 1:length + 1],  # [m, T]
-                     "mask": mask[rows, :length]}
+                     "mask": mask[rows, :length], "scored": mask[rows, :length]}
             batch.update({name: value[rows, :length] if value.dim() == 2 else value[rows]
                           for name, value in extras.items()})
             if plan is not None:
                 batch |= {"tokens": pack(batch["tokens"], plan), "targets": pack(batch["targets"], plan),  # [R, T]
                           "positions": pack(positions[:length].expand(len(rows), length), plan),  # [R, T]
+                          "scored": pack(batch["mask"], plan),  # [R, T]
                           "packing": plan}
             micro.append({name: value.to(self.device) for name, value in batch.items()})
         return micro
 
     def _forward(self, model, micro: MicroBatch) -> torch.Tensor:
-        """The model on one micro-batch: padded rows, or packed rows kept apart per sequence."""
+        """The model on one micro-batch (padded rows, or packed rows kept apart per sequence): on the last
+        stage, logits [1, N, V/TP] at its N scored positions (`micro["scored"]`) only."""
         tokens = micro["tokens"]  # [m, T] or packed [R, T]
         packing = micro.get("packing")
-        if packing is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)  # [m, T]
-            return model(tokens, positions, None)
-        if self.model_config.layer_spec == "te":
-            return _forward_thd(model, tokens, micro["positions"], segment_ids(packing))
-        # megatron-core's local attention refuses PackedSeqParams but honours an explicit mask
-        return model(tokens, micro["positions"], block_causal_mask(segment_ids(packing)))
+        with logits_only_at(model, micro["scored"]):
+            if packing is None:
+                positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)  # [m, T]
+                return model(tokens, positions, None)
+            if self.model_config.layer_spec == "te":
+                return _forward_thd(model, tokens, micro["positions"], segment_ids(packing))
+            # megatron-core's local attention refuses PackedSeqParams but honours an explicit mask
+            return model(tokens, micro["positions"], block_causal_mask(segment_ids(packing)))
 
     def _schedule(self, chunks: list, micro: list[MicroBatch], output_fn: Callable, *, forward_only: bool) -> list:
         """Run megatron's forward(-backward) schedule; returns the last stage's per-micro-batch outputs."""

@@ -54,12 +54,6 @@ def mini_batch_rows(batch: TrainBatch) -> list[torch.Tensor]:
             for i in range(0, len(groups), OPTIM.mini_batch_prompts)]
 
 
-def scored(batch: TrainBatch) -> torch.Tensor:
-    """[B, L-1] positions up to each row's last response target (what the Learner always computes)."""
-    last = torch.where(batch.response_mask, torch.arange(batch.response_mask.shape[1]), -1).max(1).values  # [B]
-    return torch.arange(batch.response_mask.shape[1]) <= last[:, None]
-
-
 def full_logprobs(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch on the TP=1 model: log-probs and entropy [B, L-1] from full-vocabulary logits."""
     inputs = tokens[:, :-1]  # [B, L-1]
@@ -178,10 +172,11 @@ def reference(tmp_path_factory):
 def check_layout(ref: dict, runs: list[dict], *, grads: bool = True) -> None:
     """Compare every rank's results with the single-process reference."""
     batch = make_batch()
-    where = scored(batch)
+    where = batch.response_mask  # the positions the Learner scores
     for run in runs:  # every rank holds the same full tensors and metrics
         torch.testing.assert_close(run["old"][where], ref["old"][where], rtol=0, atol=2e-5)
         torch.testing.assert_close(run["ref"][where], ref["old"][where], rtol=0, atol=2e-5)
+        assert not run["old"][~where].any()  # no logits outside the responses: never scored
         first = run["first"]
         assert (first["optimizer_steps"], first["skipped_steps"]) == (1, 0)
         for name in ("loss", "grad_norm", "entropy", "kl"):

@@ -36,13 +36,6 @@ def make_batch() -> TrainBatch:
     return learner_batch(seed=1)
 
 
-def scored(batch: TrainBatch) -> torch.Tensor:
-    """[B, L-1] positions up to each row's last response target (where both paths compute log-probs)."""
-    positions = torch.arange(batch.response_mask.shape[1])  # [L-1]
-    last = torch.where(batch.response_mask, positions, -1).max(1).values  # [B]
-    return positions <= last[:, None]
-
-
 def _learners(parallel: ParallelConfig, padded: OptimConfig, packed: OptimConfig):
     """A padded and a packed Learner holding the same weights."""
     from megatron_s2l.learner.step import Learner
@@ -120,7 +113,7 @@ def _data_parallel(rank, world_size):
 def check(run: dict) -> None:
     """Packed results equal the padded ones on this rank."""
     batch = make_batch()
-    where = scored(batch)
+    where = batch.response_mask  # the positions the Learner scores
     padded, packed = run["logprobs"]
     assert padded[where].std() > 0.1  # log-probs vary: the comparison is not vacuous
     torch.testing.assert_close(packed[where], padded[where], rtol=0, atol=1e-5)
