@@ -383,7 +383,7 @@ def _forward_thd(model, tokens: torch.Tensor, positions: torch.Tensor, segments:
 
     Every segment (a sequence or a row's padding tail) is its own attention window and RoPE restarts
     at each (megatron applies it per `cu_seqlens`). Returns what the model returns: on the last stage,
-    logits [1, R*T, V/TP].
+    logits [1, R*T, V/TP], or [1, N, V/TP] under `logits_only_at`.
     """
     bounds, longest = cu_seqlens(segments)  # [S+1] int32
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds,

@@ -282,3 +282,38 @@ def test_learner_scores_only_the_real_ids_of_a_vocabulary_tp_does_not_divide(tmp
     for logprobs, rows_per_rank in run_ranks(_odd_vocab_learner, 2, str(hf_dir), timeout=TIMEOUT):
         assert rows_per_rank == 151  # 302 rows over TP=2: one padding row on the last rank
         torch.testing.assert_close(logprobs[mask], expected[mask], rtol=0, atol=1e-5)
+
+
+def _logits_at_scored_positions(rank, world_size):
+    """One Learner model's full logits and its logits under `logits_only_at`, and what the output layer saw."""
+    from megatron_s2l.learner.model import logits_only_at
+    from megatron_s2l.learner.step import Learner
+
+    learner = Learner(MODEL, ParallelConfig(), OPTIM, LOSS, FP8Config(), seed=SEED, with_reference=False)
+    model = learner.ddp_chunks[0]  # wrapped in DDP, as the schedule passes it
+    batch = make_batch()
+    tokens = batch.tokens[:, :-1]  # [B, L-1]
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    seen = []
+    learner.model_chunks[0].output_layer.register_forward_hook(lambda _, args, out: seen.append(args[0].shape))
+    with torch.no_grad():
+        full = model(tokens, positions, None)  # [B, L-1, V]
+        with logits_only_at(model, batch.response_mask):
+            selected = model(tokens, positions, None)  # [1, N, V]
+        after = model(tokens, positions, None)
+    return full, selected, after, seen
+
+
+@pytest.mark.distributed
+def test_logits_only_at_projects_only_the_scored_positions():
+    full, selected, after, seen = run_ranks(_logits_at_scored_positions, 1, timeout=TIMEOUT)[0]
+    mask = make_batch().response_mask
+    n = int(mask.sum())
+    assert 0 < n < mask.numel()
+    # the output layer received the N scored hidden states only, and the hook is gone afterwards
+    assert [tuple(shape) for shape in seen] == [(mask.shape[1], mask.shape[0], MODEL.hidden_size),
+                                                (n, 1, MODEL.hidden_size),
+                                                (mask.shape[1], mask.shape[0], MODEL.hidden_size)]
+    assert selected.shape == (1, n, full.shape[-1])
+    torch.testing.assert_close(selected[0], full[mask], rtol=0, atol=1e-5)  # row-major order of the mask
+    assert torch.equal(after, full)
