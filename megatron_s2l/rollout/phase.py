@@ -90,7 +90,10 @@ class RolloutPhase:
         self._start_step(step)
         self.colocation.wake_for(sources)
         mine = self.mixer.rollout(step, prompts[self.replica::self.num_replicas], sources)
-        if self.num_replicas == 1 and not dist.is_initialized():
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            # Alone, no gather: gloo copies the gathered bytes on its own thread, whose OpenMP team then
+            # outlives the call and makes libgomp throttle its spin-waits process-wide (more threads than
+            # cores), so every parallel op after it, generation and training alike, waits to wake a thread.
             self._counters.update(self.mixer.metrics)
             return mine
         gathered = [None] * dist.get_world_size()

@@ -171,3 +171,23 @@ def test_dropped_prompts_are_logged_and_a_step_that_drops_all_stops_naming_the_l
     cfg, rollout, _ = build("combined", explorer=False, drop={"p0", "p1"})
     with pytest.raises(RuntimeError, match=r"learner engine dropped 2 .*raise learner_engine\.max_model_len"):
         loop.train_step(cfg, 1, PROMPTS, rollout, ScriptedLearner([1]), pad_id=0)
+
+
+def _rollout_alone_in_a_process_group(rank, world_size):
+    """One process with a (gloo) process group, as the learner starts: the collectives a rollout ran."""
+    import torch.distributed as dist
+
+    gathers = []
+    gather = dist.all_gather_object
+    dist.all_gather_object = lambda *args, **kwargs: gathers.append(args) or gather(*args, **kwargs)
+    _, rollout, _ = build("combined", explorer=False)
+    groups = rollout.rollout(3, PROMPTS, rollout.phases(3)[0])
+    return len(gathers), [group.prompt_id for group in groups]
+
+
+def test_a_single_process_job_gathers_no_rollouts():
+    """Gloo's all-gather copies on its own thread even for one rank; the OpenMP team that leaves there makes
+    libgomp throttle its spin-waits, and every parallel op of the process waits to wake a thread."""
+    from tests.multiprocess import run_ranks
+
+    assert run_ranks(_rollout_alone_in_a_process_group, 1, timeout=120) == [(0, ["p0", "p1"])]
