@@ -18,6 +18,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.utils import unwrap_model
 
 from megatron_s2l.config import FP8Config, ModelConfig, ParallelConfig
 from megatron_s2l.learner.attention import SDPAttention
@@ -144,9 +145,7 @@ def logits_only_at(model: torch.nn.Module, scored: torch.Tensor):
     [b, s, V/TP]: prompt and padding positions cost no vocabulary projection and no log-prob arithmetic,
     as TRL's `logits_to_keep` skips the prompt. `model` may be wrapped (DDP); other stages run unchanged.
     """
-    gpt = model
-    while not isinstance(gpt, GPTModel):
-        gpt = gpt.module
+    gpt = unwrap_model(model)
     output_layer = getattr(gpt, "output_layer", None) if gpt.post_process else None
     if output_layer is None:
         yield

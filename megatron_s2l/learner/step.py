@@ -319,8 +319,9 @@ class Learner:
         micro = []
         for rows, plan in parts:
             length = int(lengths[rows].max())
+            rows_mask = mask[rows, :length]  # [m, T]
             batch = {"rows": rows, "tokens": tokens[rows, :length], "targets": tokens[rows, 1:length + 1],  # [m, T]
-                     "mask": mask[rows, :length], "scored": mask[rows, :length]}
+                     "mask": rows_mask, "scored": rows_mask}
             batch.update({name: value[rows, :length] if value.dim() == 2 else value[rows]
                           for name, value in extras.items()})
             if plan is not None:
