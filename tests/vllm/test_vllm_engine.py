@@ -2,6 +2,7 @@
 against a fresh engine."""
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from megatron_s2l.config import SamplingConfig  # noqa: E402
 from megatron_s2l.rollout.engine import RolloutEngine  # noqa: E402
 from megatron_s2l.rollout.vllm_engine import VLLMEngine  # noqa: E402
 from megatron_s2l.types import Prompt  # noqa: E402
+from tests.multiprocess import run_ranks  # noqa: E402
 from tests.tiny_models import write_tiny_model  # noqa: E402
 from tests.vllm.conftest import engine_config, hf_logprobs  # noqa: E402
 
@@ -141,3 +143,18 @@ def test_update_missing_a_parameter_is_refused(refitted, models):
     with pytest.raises(ValueError, match=r"no tensor for 1 of the learner engine's parameters .*model.norm.weight"):
         refitted.update_weights(partial, version=8)
     assert refitted.version == 7
+
+
+def _first_generation_compiles(model_dir: str, rank: int, world_size: int) -> dict:
+    from torch._dynamo.utils import counters
+
+    engine = VLLMEngine(model_dir, engine_config(), source="learner", model_id="learner", eos_token_id=EOS)
+    engine.generate(PROMPTS, 2, SAMPLED, seed=0)  # asks for log-probs: vLLM ranks each sampled token
+    return {name: dict(values) for name, values in counters.items()}
+
+
+def test_an_eager_engine_compiles_nothing_with_inductor(models):
+    """vLLM's sampler helpers run eagerly on CPU; only a fresh process shows it (they bind at import)."""
+    counters, = run_ranks(functools.partial(_first_generation_compiles, str(models["new"])), 1, timeout=120)
+    assert counters["frames"]["ok"] >= 1  # the helper still goes through torch.compile, with the eager backend
+    assert "inductor" not in counters and "aot_autograd" not in counters
