@@ -156,9 +156,9 @@ class VLLMEngine:
 
             # vLLM compiles a few sampler helpers (the sampled token's rank among them) with inductor at their
             # first call: 3 s of each process's first generation with a warm compile cache, 10 s with a cold
-            # one, for nothing measurable per step on CPU. They read this setting when their modules are
-            # imported, after this; the model's own compilation (enforce_eager=false) reads the platform
-            # class's setting, which stays inductor.
+            # one, for nothing measurable per step on CPU. They read this setting when vLLM imports their
+            # modules, which the engine start below does; the model's own compilation (enforce_eager=false)
+            # reads the platform class's setting, which stays inductor.
             current_platform.simple_compile_backend = "eager"
             bind = self.cfg.cpu_omp_threads_bind or (_cores_of_this_rank() if self._executor == "external_launcher"
                                                      else None)
