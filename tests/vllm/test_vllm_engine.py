@@ -2,7 +2,6 @@
 against a fresh engine."""
 
 import dataclasses
-import functools
 
 import pytest
 import torch
@@ -145,7 +144,7 @@ def test_update_missing_a_parameter_is_refused(refitted, models):
     assert refitted.version == 7
 
 
-def _first_generation_compiles(model_dir: str, rank: int, world_size: int) -> dict:
+def _first_generation_compiles(rank: int, world_size: int, model_dir: str) -> dict:
     from torch._dynamo.utils import counters
 
     engine = VLLMEngine(model_dir, engine_config(), source="learner", model_id="learner", eos_token_id=EOS)
@@ -155,6 +154,6 @@ def _first_generation_compiles(model_dir: str, rank: int, world_size: int) -> di
 
 def test_an_eager_engine_compiles_nothing_with_inductor(models):
     """vLLM's sampler helpers run eagerly on CPU; only a fresh process shows it (they bind at import)."""
-    counters, = run_ranks(functools.partial(_first_generation_compiles, str(models["new"])), 1, timeout=120)
+    counters, = run_ranks(_first_generation_compiles, 1, str(models["new"]), timeout=120)
     assert counters["frames"]["ok"] >= 1  # the helper still goes through torch.compile, with the eager backend
     assert "inductor" not in counters and "aot_autograd" not in counters
