@@ -7,11 +7,15 @@ micro-batch, trimmed to the longest. Packed: rows of at most the longest sequenc
 `pack_row_tokens=0` default), --micro-batch-size rows per micro-batch, so a micro-batch never holds more
 token slots than a padded one. Both sides run the same Learner (local layer spec, FP32, TP=1) on the
 same weights; each measurement alternates padded and packed so drift on a shared machine hits both.
+With --logprob-micro-batch-size N, two more sides run only the log-prob pass, cut into micro-batches of N
+sequences (padded) or N rows (packed) through `optim.logprob_micro_batch_size`: the forward-only passes keep
+no activations, so they can take more at once than training.
 
 Printed: token slots computed (padding included) and useful tokens, time of `Learner.logprobs` and of
 `Learner.train` (one optimizer step on the whole batch: forward, backward, Adam), tokens/s counting
 only real tokens, and packed / padded ratios. Times are medians over --repeats after one warm-up.
 Usage: OMP_NUM_THREADS=2 .venv/bin/python bench/bench_packing.py [--groups 4] [--group-size 8] [--hidden 256]
+       [--micro-batch-size 8] [--logprob-micro-batch-size N]
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--median-response", type=int, default=96)
     parser.add_argument("--max-response", type=int, default=512)
     parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--logprob-micro-batch-size", type=int, default=0, help="0: no log-prob-only sides")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=8192)
@@ -63,8 +68,10 @@ def make_batch(args: argparse.Namespace) -> TrainBatch:
 
 
 def token_slots(learner: Learner, batch: TrainBatch) -> int:
-    """Positions the model computes for `batch` (real tokens plus padding) under the learner's micro-batching."""
-    micro = learner._micro_batches(batch.tokens, batch.response_mask, {})
+    """Positions the model computes in a log-prob pass over `batch` (real tokens plus padding)."""
+    optim = learner.optim_config
+    micro = learner._micro_batches(batch.tokens, batch.response_mask, {},
+                                   optim.logprob_micro_batch_size or optim.micro_batch_size)
     return sum(part["tokens"].numel() for part in micro)
 
 
@@ -80,11 +87,17 @@ def main() -> None:
                         num_attention_heads=args.hidden // 64, num_query_groups=max(1, args.hidden // 128),
                         kv_channels=64, vocab_size=args.vocab, max_position_embeddings=2048)
     optim = OptimConfig(lr=1e-6, mini_batch_prompts=args.groups, micro_batch_size=args.micro_batch_size)
-    loss = LossConfig(kl_coef=0.0)
-    padded = Learner(model, ParallelConfig(), optim, loss, FP8Config(), seed=args.seed, with_reference=False)
-    packed = Learner(model, ParallelConfig(), dataclasses.replace(optim, pack_sequences=True), loss, FP8Config(),
-                     seed=args.seed, with_reference=False)
-    packed.model_chunks[0].load_state_dict(padded.model_chunks[0].state_dict())
+    layouts = {"padded": optim, "packed": dataclasses.replace(optim, pack_sequences=True)}
+    if args.logprob_micro_batch_size:
+        layouts |= {f"{name}, log-prob micro-batch {args.logprob_micro_batch_size}":
+                    dataclasses.replace(config, logprob_micro_batch_size=args.logprob_micro_batch_size)
+                    for name, config in list(layouts.items())}
+    sides = {name: Learner(model, ParallelConfig(), config, LossConfig(kl_coef=0.0), FP8Config(), seed=args.seed,
+                           with_reference=False) for name, config in layouts.items()}
+    padded = sides["padded"]
+    for learner in list(sides.values())[1:]:
+        learner.model_chunks[0].load_state_dict(padded.model_chunks[0].state_dict())
+    trains = ("padded", "packed")  # training ignores logprob_micro_batch_size: the other sides only score
     batch = make_batch(args)
     batch.old_logprobs = padded.logprobs(batch)
     lengths = torch.where(batch.response_mask, torch.arange(batch.response_mask.shape[1]), 0).max(1).values + 1
@@ -92,26 +105,29 @@ def main() -> None:
     print(f"batch: {batch.size} sequences, {useful} tokens (longest {int(lengths.max())}, median "
           f"{int(lengths.median())}); model {args.layers} layers x {args.hidden}, vocab {args.vocab}; "
           f"{torch.get_num_threads()} threads")
-    times = {"padded": {"logprobs": [], "train": []}, "packed": {"logprobs": [], "train": []}}
-    sides = {"padded": padded, "packed": packed}
+    times = {name: {"logprobs": [], "train": []} for name in sides}
     for repeat in range(args.repeats + 1):  # the first round warms up
         for name, learner in sides.items():
             logprob_s = timed(lambda: learner.logprobs(batch))
-            train_s = timed(lambda: learner.train(batch))
+            train_s = timed(lambda: learner.train(batch)) if name in trains else None
             if repeat:
                 times[name]["logprobs"].append(logprob_s)
                 times[name]["train"].append(train_s)
-    print(f"{'':8} {'token slots':>12} {'pad frac':>9} {'logprobs s':>11} {'train s':>9} {'train tok/s':>12}")
+    width = max(len(name) for name in sides)
+    print(f"{'':{width}} {'token slots':>12} {'pad frac':>9} {'logprobs s':>11} {'train s':>9} {'train tok/s':>12}")
     medians = {}
     for name, learner in sides.items():
         slots = token_slots(learner, batch)
-        medians[name] = {kind: statistics.median(values) for kind, values in times[name].items()}
-        print(f"{name:8} {slots:>12} {1 - useful / slots:>9.3f} {medians[name]['logprobs']:>11.3f} "
-              f"{medians[name]['train']:>9.3f} {useful / medians[name]['train']:>12.0f}")
+        medians[name] = {kind: statistics.median(values) for kind, values in times[name].items() if None not in values}
+        train = f"{medians[name]['train']:>9.3f} {useful / medians[name]['train']:>12.0f}" if name in trains else ""
+        print(f"{name:{width}} {slots:>12} {1 - useful / slots:>9.3f} {medians[name]['logprobs']:>11.3f} {train}")
     ratio = {kind: medians["packed"][kind] / medians["padded"][kind] for kind in ("logprobs", "train")}
-    print(f"packed / padded: token slots {token_slots(packed, batch) / token_slots(padded, batch):.3f}, "
+    print(f"packed / padded: token slots {token_slots(sides['packed'], batch) / token_slots(padded, batch):.3f}, "
           f"logprobs time {ratio['logprobs']:.3f}, train time {ratio['train']:.3f}, "
           f"train tokens/s {1 / ratio['train']:.3f}x")
+    for name in [name for name in sides if name not in trains]:
+        base = name.split(",")[0]
+        print(f"{name} / {base}: logprobs time {medians[name]['logprobs'] / medians[base]['logprobs']:.3f}")
 
 
 if __name__ == "__main__":

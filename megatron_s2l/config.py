@@ -330,6 +330,8 @@ class OptimConfig:
     ppo_epochs: int = 1
     mini_batch_prompts: int = 4  # prompts per optimizer step (all their samples)
     micro_batch_size: int = 4  # sequences per forward/backward (packed rows with pack_sequences)
+    logprob_micro_batch_size: int = 0  # the same for the forward-only passes (reference and old log-probs):
+    # they keep no activations for a backward, so they can take more at once; 0: micro_batch_size
     logprob_chunk_size: int = 1024  # tokens per vocab-parallel log-prob chunk: the fp32 scratch is about
     # chunk x vocab/TP floats; 0: a whole micro-batch at once
     pack_sequences: bool = False  # pack several sequences into each row instead of padding every sequence
@@ -340,6 +342,9 @@ class OptimConfig:
 
     def validate(self, at: str) -> list[str]:
         errors = _positive(self, at, "lr", "ppo_epochs", "mini_batch_prompts", "micro_batch_size")
+        if self.logprob_micro_batch_size < 0:
+            errors.append(f"{at}.logprob_micro_batch_size={self.logprob_micro_batch_size}: must be >= 0 "
+                          f"(0: {at}.micro_batch_size)")
         if self.logprob_chunk_size < 0:
             errors.append(f"{at}.logprob_chunk_size={self.logprob_chunk_size}: must be >= 0 (0: no chunking)")
         if self.pack_row_tokens < 0:

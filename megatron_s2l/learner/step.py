@@ -6,17 +6,17 @@ and `get_forward_backward_func` (no pipelining at PP=1, 1F1B at PP>1). Per-token
 vocab-parallel logits on the last pipeline stage (`algo.logprobs`), projected at the response positions only
 (`model.logits_only_at`), the loss from `algo.loss.grpo_loss`.
 
-Data layout: every rank passes the same full batch. Rows are sharded over data-parallel ranks (by whole
-groups for training), each shard is cut into micro-batches of `optim.micro_batch_size` sequences trimmed
-to their longest masked position. With `optim.pack_sequences` each sequence is cut at its own last
-masked position instead and several share a row (`learner.packing`): micro-batches of
-`optim.micro_batch_size` packed rows, attention kept within each sequence by a block-diagonal mask (local
-layer spec) or THD `PackedSeqParams` (Transformer Engine spec); log-probs are unpacked to one row per
-sequence before any loss, so the loss code never sees packing. Losses are scaled so that the gradient
-equals the single-process gradient of the whole mini-batch objective whatever the micro-batching,
-packing and DP size. PPO epochs after the first visit the mini-batches' groups in a new order drawn from
-the Learner's seed and its optimizer-step count (restored with a checkpoint, so a resumed run reshuffles
-alike).
+Data layout: every rank passes the same full batch. Rows are sharded over data-parallel ranks (by whole groups
+for training), each shard is cut into micro-batches of `optim.micro_batch_size` sequences
+(`optim.logprob_micro_batch_size` in the forward-only log-prob passes) trimmed to their longest masked
+position. With `optim.pack_sequences` each sequence is cut at its own last masked position instead and several
+share a row (`learner.packing`): micro-batches of `optim.micro_batch_size` packed rows, attention kept within
+each sequence by a block-diagonal mask (local layer spec) or THD `PackedSeqParams` (Transformer Engine spec);
+log-probs are unpacked to one row per sequence before any loss, so the loss code never sees packing. Losses
+are scaled so that the gradient equals the single-process gradient of the whole mini-batch objective whatever
+the micro-batching, packing and DP size. PPO epochs after the first visit the mini-batches' groups in a new
+order drawn from the Learner's seed and its optimizer-step count (restored with a checkpoint, so a resumed run
+reshuffles alike).
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ class Learner:
         for chunk in chunks:
             chunk.eval()
         rows = _data_parallel_rows(batch.size)
-        micro = self._micro_batches(batch.tokens[rows], batch.response_mask[rows], {})
+        size = self.optim_config.logprob_micro_batch_size or self.optim_config.micro_batch_size
+        micro = self._micro_batches(batch.tokens[rows], batch.response_mask[rows], {}, size)
         # a replica with no rows (batch smaller than DP) skips the schedule: its model-parallel peers do too
         outputs = self._schedule(chunks, micro, self._logprob_output, forward_only=True) if micro else []
         local = torch.zeros(len(rows), batch.tokens.shape[1] - 1, device=self.device)  # [b, L-1]
@@ -228,7 +229,7 @@ class Learner:
                   "behaviour_logprobs": mini_batch.behaviour_logprobs, "advantages": mini_batch.advantages,
                   "is_explorer": mini_batch.is_explorer}
         extras = {name: value[rows] for name, value in extras.items() if value is not None}
-        micro = self._micro_batches(mini_batch.tokens[rows], mask, extras)
+        micro = self._micro_batches(mini_batch.tokens[rows], mask, extras, self.optim_config.micro_batch_size)
         # The schedule divides each micro-batch loss by the number of micro-batches and DDP averages
         # gradients over DP ranks; multiplying both back makes the micro-batch losses plain summands of
         # the mini-batch objective (grpo_loss is normalised by the global token/sequence counts).
@@ -300,22 +301,21 @@ class Learner:
 
     # -- plumbing ---------------------------------------------------------------------------------------
 
-    def _micro_batches(self, tokens: torch.Tensor, mask: torch.Tensor,
-                       extras: dict[str, torch.Tensor]) -> list[MicroBatch]:
+    def _micro_batches(self, tokens: torch.Tensor, mask: torch.Tensor, extras: dict[str, torch.Tensor],
+                       size: int) -> list[MicroBatch]:
         """Split rows into micro-batches, each trimmed to its last masked position (at least one token).
 
-        Padded: `micro_batch_size` consecutive rows. Packed: the sequences of `micro_batch_size` packed
-        rows (`plan_packing`), with the packed model inputs and the plan that unpacks the outputs.
+        Padded: `size` consecutive rows. Packed: the sequences of `size` packed rows (`plan_packing`),
+        with the packed model inputs and the plan that unpacks the outputs.
         """
         positions = torch.arange(mask.shape[1])  # [L-1]
         lengths = torch.where(mask, positions, 0).max(1).values + 1  # [b] through each row's last masked token
         if self.optim_config.pack_sequences:
-            plans = plan_packing(lengths, self.optim_config.pack_row_tokens or int(lengths.max()),
-                                 self.optim_config.micro_batch_size)
+            plans = plan_packing(lengths, self.optim_config.pack_row_tokens or int(lengths.max()), size)
             parts = [(plan.sequences, plan) for plan in plans]
         else:
-            parts = [(torch.arange(start, min(start + self.optim_config.micro_batch_size, len(lengths))), None)
-                     for start in range(0, len(lengths), self.optim_config.micro_batch_size)]
+            parts = [(torch.arange(start, min(start + size, len(lengths))), None)
+                     for start in range(0, len(lengths), size)]
         micro = []
         for rows, plan in parts:
             length = int(lengths[rows].max())
@@ -356,7 +356,7 @@ class Learner:
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(micro), model=chunks, num_microbatches=len(micro),
             seq_length=max(batch["tokens"].shape[1] for batch in micro),
-            micro_batch_size=self.optim_config.micro_batch_size, forward_only=forward_only,
+            micro_batch_size=max(batch["tokens"].shape[0] for batch in micro), forward_only=forward_only,
             collect_non_loss_data=forward_only)
 
 

@@ -5,7 +5,8 @@ full-vocabulary logits, `grpo_loss` on each whole mini-batch at once, `clip_grad
 `torch.optim.AdamW`. It also writes the model as a model-only checkpoint, which every layout loads (so
 the weights are identical, resharded by dist_checkpointing). One spawn per layout checks log-probs,
 reference log-probs, the first step's loss, entropy, KL, gradient norm and every gradient shard, and
-the five-call training curve (ten optimizer steps: five groups, two per mini-batch).
+the five-call training curve (ten optimizer steps: five groups, two per mini-batch). The log-prob passes
+cut 4-row micro-batches, training 3-row ones.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tests.multiprocess import run_ranks
 
 MODEL = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=2, num_query_groups=2,
                     kv_channels=32, vocab_size=96, max_position_embeddings=64)
-OPTIM = OptimConfig(lr=1e-2, clip_grad=1.0, mini_batch_prompts=2, micro_batch_size=3)
+OPTIM = OptimConfig(lr=1e-2, clip_grad=1.0, mini_batch_prompts=2, micro_batch_size=3, logprob_micro_batch_size=4)
 LOSS = LossConfig(kl_coef=0.05, kl_type="k3", entropy_coef=0.01)
 GROUP_SIZES = (2, 3, 2, 1, 2)  # 5 groups: mini-batches of 2, 2, 1 groups; at DP=2 one rank gets no group
 CALLS = 5

@@ -32,6 +32,8 @@ def test_defaults_with_an_explorer_path_validate():
     ("loss", {"dual_clip": 0.5}, "loss.dual_clip=0.5: must be > 1 or null"),
     ("sampling_top_p", None, "learner_sampling.top_p=1.5: must be in (0, 1]"),
     ("seed", -1, "seed=-1: must be >= 0"),
+    ("optim", {"logprob_micro_batch_size": -1}, "optim.logprob_micro_batch_size=-1: must be >= 0 (0: "
+     "optim.micro_batch_size)"),
     ("data", {"task": {"ops": "+/"}}, "data.task.ops='+/': must be a non-empty selection of '+-*'"),
     ("data", {"task": {"max_addend": 0}}, "data.task.max_addend=0: must be >= 1"),
     ("data", {"task": {"num_eval": 0, "modulus": 1}}, "data.task.num_eval=0: must be > 0"),
