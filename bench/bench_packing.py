@@ -32,20 +32,22 @@ from megatron_s2l.learner.step import Learner
 from megatron_s2l.types import TrainBatch
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--groups", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--median-response", type=int, default=96)
-    parser.add_argument("--max-response", type=int, default=512)
-    parser.add_argument("--micro-batch-size", type=int, default=8)
-    parser.add_argument("--logprob-micro-batch-size", type=int, default=0, help="0: no log-prob-only sides")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+def job_parser(description: str) -> argparse.ArgumentParser:
+    """The command line of the batch, model and repeats (shared with bench_recompute.py)."""
+    parser = argparse.ArgumentParser(description=description)
+    for name, default in (("groups", 4), ("group-size", 8), ("median-response", 96), ("max-response", 512),
+                          ("micro-batch-size", 8), ("layers", 4), ("hidden", 256), ("vocab", 8192), ("repeats", 3),
+                          ("seed", 0)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    return parser
+
+
+def job_configs(args: argparse.Namespace) -> tuple[ModelConfig, OptimConfig]:
+    """The model (local layer spec, FP32) and the optimizer settings of `args`."""
+    model = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=3 * args.hidden,
+                        num_attention_heads=args.hidden // 64, num_query_groups=max(1, args.hidden // 128),
+                        kv_channels=64, vocab_size=args.vocab, max_position_embeddings=2048)
+    return model, OptimConfig(lr=1e-6, mini_batch_prompts=args.groups, micro_batch_size=args.micro_batch_size)
 
 
 def make_batch(args: argparse.Namespace) -> TrainBatch:
@@ -82,11 +84,10 @@ def timed(fn) -> float:
 
 
 def main() -> None:
-    args = parse_args()
-    model = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=3 * args.hidden,
-                        num_attention_heads=args.hidden // 64, num_query_groups=max(1, args.hidden // 128),
-                        kv_channels=64, vocab_size=args.vocab, max_position_embeddings=2048)
-    optim = OptimConfig(lr=1e-6, mini_batch_prompts=args.groups, micro_batch_size=args.micro_batch_size)
+    parser = job_parser(__doc__.splitlines()[0])
+    parser.add_argument("--logprob-micro-batch-size", type=int, default=0, help="0: no log-prob-only sides")
+    args = parser.parse_args()
+    model, optim = job_configs(args)
     layouts = {"padded": optim, "packed": dataclasses.replace(optim, pack_sequences=True)}
     if args.logprob_micro_batch_size:
         layouts |= {f"{name}, log-prob micro-batch {args.logprob_micro_batch_size}":

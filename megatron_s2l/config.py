@@ -52,6 +52,10 @@ ExplorerAllocation = Literal["fixed", "adaptive"]
 ExplorerSource = Literal["online", "offline", "none"]
 LayerSpec = Literal["local", "te"]
 ParamsDType = Literal["float32", "bfloat16"]
+Recompute = Literal["none", "selective", "full"]
+# learner.recompute (see LearnerConfig) as the megatron-core TransformerConfig fields that carry it out
+RECOMPUTE_FIELDS = {"none": {}, "selective": {"recompute_granularity": "selective", "recompute_modules": ["mlp"]},
+                    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}}
 FP8Recipe = Literal["delayed", "tensorwise", "blockwise", "mxfp8"]
 EngineDType = Literal["auto", "float32", "bfloat16", "float16"]
 LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
@@ -81,6 +85,7 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     layer_spec: LayerSpec = "local"  # see LearnerConfig
     params_dtype: ParamsDType = "float32"  # see LearnerConfig
+    recompute: Recompute = "none"  # see LearnerConfig
     hf_path: Optional[str] = None  # the HF directory it was read from, if any
 
     def validate(self, at: str) -> list[str]:
@@ -112,6 +117,10 @@ class LearnerConfig:
     hf_path: Optional[str] = None  # local HF directory: weights, config.json, tokenizer; never a hub id
     layer_spec: LayerSpec = "local"  # "te" needs Transformer Engine (GPU clusters)
     params_dtype: ParamsDType = "float32"  # bfloat16: BF16 weights, fp32 main params in the optimizer (GPU)
+    recompute: Recompute = "none"  # activation recomputation in training passes, less memory for more compute:
+    # "selective" keeps each layer's MLP activations (the largest; fused attention keeps little) out of memory
+    # and recomputes them in the backward, "full" keeps only each layer's input and recomputes the whole layer
+    # (about one more forward pass)
 
 
 @dataclass

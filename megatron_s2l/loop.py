@@ -162,7 +162,7 @@ def build_learner(cfg: S2LConfig) -> Learner:
     from the same directory (with a reference copy when the loss has a KL term); it starts Megatron's process
     groups, so build it before the engines."""
     model = dataclasses.replace(model_config_from_hf(cfg.learner.hf_path), layer_spec=cfg.learner.layer_spec,
-                                params_dtype=cfg.learner.params_dtype)
+                                params_dtype=cfg.learner.params_dtype, recompute=cfg.learner.recompute)
     learner = Learner(model, cfg.parallel, cfg.optim, cfg.loss, cfg.fp8, seed=cfg.seed,
                       with_reference=cfg.loss.kl_coef > 0)
     learner.load_hf(read_hf_state(cfg.learner.hf_path))

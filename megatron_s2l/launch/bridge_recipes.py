@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
-from megatron_s2l.config import ConfigError, S2LConfig, apply_overrides
+from megatron_s2l.config import RECOMPUTE_FIELDS, ConfigError, S2LConfig, apply_overrides
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "examples" / "configs"
 RECIPES = {"qwen3_1p7b_to_8b": "paper_qwen3_1p7b_to_8b.yaml", "qwen3_4b_to_14b": "paper_qwen3_4b_to_14b.yaml"}
@@ -86,6 +86,8 @@ def bridge_config(cfg: S2LConfig) -> Any:
     provider.sequence_parallel = False  # as the S2L learner: activations are not sharded along the sequence
     provider.seq_length = cfg.data.max_prompt_length + cfg.learner_sampling.max_new_tokens
     provider.transformer_impl = "transformer_engine" if cfg.learner.layer_spec == "te" else "local"
+    for name, value in RECOMPUTE_FIELDS[cfg.learner.recompute].items():  # as the S2L learner recomputes
+        setattr(provider, name, value)
     optim = cfg.optim
     bf16 = cfg.learner.params_dtype == "bfloat16"  # Bridge's recipes, like the learner, keep fp32 main params
     if cfg.fp8.enabled and not bf16:

@@ -20,7 +20,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.utils import unwrap_model
 
-from megatron_s2l.config import FP8Config, ModelConfig, ParallelConfig
+from megatron_s2l.config import RECOMPUTE_FIELDS, FP8Config, ModelConfig, ParallelConfig
 from megatron_s2l.learner.attention import SDPAttention
 from megatron_s2l.learner.cpu_shims import on_cpu
 from megatron_s2l.learner.fp8 import fp8_transformer_fields, require_transformer_engine
@@ -96,6 +96,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, fp8: FP8Con
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=not torch.cuda.is_available(),
         **fp8_transformer_fields(fp8 or FP8Config(), model.layer_spec),
+        **RECOMPUTE_FIELDS[model.recompute],
     )
 
 

@@ -108,5 +108,6 @@ def test_recipe_builds_a_bridge_config_container_from_local_hf_dirs(tmp_path):
     assert container.checkpoint.save_interval == 32  # every rollout step = 32 optimizer steps
     assert container.tokenizer.tokenizer_model == str(learner)
     assert container.dataset is None
+    assert container.model.recompute_granularity is None  # learner.recompute: "none", as the learner
     # the paper configs train in BF16: the learner and Bridge alike
     assert container.optimizer.bf16 and container.mixed_precision == "bf16_mixed"
