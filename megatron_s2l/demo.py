@@ -86,7 +86,10 @@ class FamilySpec:
     passk_samples: int = 32  # samples per held-out problem for the pass@k curves
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        spec = dataclasses.asdict(self)
+        for member in ("explorer", "learner"):
+            del spec[member]["model"]["recompute"]  # trades memory for time, same weights: the same family
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
     @classmethod
     def of(cls, data: DataConfig) -> "FamilySpec":

@@ -24,6 +24,15 @@ def test_only_the_task_shapes_the_family():
     assert FamilySpec.of(DataConfig(seed=1)).key() != default.key()
 
 
+def test_build_settings_that_keep_the_weights_keep_the_cache():
+    """Recomputation changes memory, not the weights: a cached family stays valid (its directory name is the
+    key of the default family since before `recompute` existed)."""
+    spec = FamilySpec()
+    recomputed = dataclasses.replace(spec, learner=dataclasses.replace(
+        spec.learner, model=dataclasses.replace(spec.learner.model, recompute="full")))
+    assert recomputed.key() == spec.key() == "e8f0a6f05057"
+
+
 def test_siblings_are_taught_different_mistakes():
     """The premise built into the family: the learner has a wrap-around blind spot, the explorer slips."""
     spec = FamilySpec()
