@@ -156,6 +156,20 @@ def test_te_fp8_learner_close_to_reference(hf_model, reference, recipe):
             warm_up=recipe == "delayed", logprob_max=0.3, logprob_mean=6e-2, grad_rel=0.35, grad_cos=0.95)
 
 
+@pytest.mark.parametrize("recompute, fp8", [("selective", FP8Config()), ("full", FP8Config()),
+                                            ("full", FP8Config(enabled=True, recipe="tensorwise"))],
+                         ids=["selective", "full", "full-fp8"])
+def test_te_learner_with_recomputation_keeps_its_bounds(hf_model, reference, recompute, fp8):
+    """`learner.recompute` through TE layers (megatron-core's TE checkpointing under FP8) changes no math:
+    the bounds of the same precision without recomputation hold (on CPU the step is bit-identical:
+    tests/distributed/test_recompute.py)."""
+    model, path = hf_model
+    bounds = (dict(logprob_max=0.3, logprob_mean=6e-2, grad_rel=0.35, grad_cos=0.95) if fp8.enabled else
+              dict(logprob_max=1e-2, logprob_mean=2e-3, grad_rel=2e-2, grad_cos=0.999))
+    compare(f"TE {'FP8' if fp8.enabled else 'FP32'}, recompute {recompute}", reference,
+            dataclasses.replace(model, recompute=recompute), path, fp8, warm_up=False, **bounds)
+
+
 def test_te_bf16_model_close_to_reference(hf_model, reference):
     """BF16 parameters through model.py (the Learner itself trains FP32 parameters): log-probs, loss, grads."""
     from megatron.core import parallel_state
