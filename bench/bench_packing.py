@@ -71,9 +71,7 @@ def make_batch(args: argparse.Namespace) -> TrainBatch:
 
 def token_slots(learner: Learner, batch: TrainBatch) -> int:
     """Positions the model computes in a log-prob pass over `batch` (real tokens plus padding)."""
-    optim = learner.optim_config
-    micro = learner._micro_batches(batch.tokens, batch.response_mask, {},
-                                   optim.logprob_micro_batch_size or optim.micro_batch_size)
+    micro = learner._micro_batches(batch.tokens, batch.response_mask, {}, learner.optim_config.logprob_micro_batch)
     return sum(part["tokens"].numel() for part in micro)
 
 
@@ -88,17 +86,17 @@ def main() -> None:
     parser.add_argument("--logprob-micro-batch-size", type=int, default=0, help="0: no log-prob-only sides")
     args = parser.parse_args()
     model, optim = job_configs(args)
-    layouts = {"padded": optim, "packed": dataclasses.replace(optim, pack_sequences=True)}
-    if args.logprob_micro_batch_size:
-        layouts |= {f"{name}, log-prob micro-batch {args.logprob_micro_batch_size}":
-                    dataclasses.replace(config, logprob_micro_batch_size=args.logprob_micro_batch_size)
-                    for name, config in list(layouts.items())}
+    trains = {"padded": optim, "packed": dataclasses.replace(optim, pack_sequences=True)}
+    # log-prob-only sides, each against the training side it cuts differently (training ignores the setting)
+    bases = {f"{name}, log-prob micro-batch {args.logprob_micro_batch_size}": name
+             for name in trains if args.logprob_micro_batch_size}
+    layouts = trains | {name: dataclasses.replace(trains[base], logprob_micro_batch_size=args.logprob_micro_batch_size)
+                        for name, base in bases.items()}
     sides = {name: Learner(model, ParallelConfig(), config, LossConfig(kl_coef=0.0), FP8Config(), seed=args.seed,
                            with_reference=False) for name, config in layouts.items()}
     padded = sides["padded"]
     for learner in list(sides.values())[1:]:
         learner.model_chunks[0].load_state_dict(padded.model_chunks[0].state_dict())
-    trains = ("padded", "packed")  # training ignores logprob_micro_batch_size: the other sides only score
     batch = make_batch(args)
     batch.old_logprobs = padded.logprobs(batch)
     lengths = torch.where(batch.response_mask, torch.arange(batch.response_mask.shape[1]), 0).max(1).values + 1
@@ -106,28 +104,27 @@ def main() -> None:
     print(f"batch: {batch.size} sequences, {useful} tokens (longest {int(lengths.max())}, median "
           f"{int(lengths.median())}); model {args.layers} layers x {args.hidden}, vocab {args.vocab}; "
           f"{torch.get_num_threads()} threads")
-    times = {name: {"logprobs": [], "train": []} for name in sides}
+    times = {name: {"logprobs": [], **({"train": []} if name in trains else {})} for name in sides}
     for repeat in range(args.repeats + 1):  # the first round warms up
         for name, learner in sides.items():
-            logprob_s = timed(lambda: learner.logprobs(batch))
-            train_s = timed(lambda: learner.train(batch)) if name in trains else None
-            if repeat:
-                times[name]["logprobs"].append(logprob_s)
-                times[name]["train"].append(train_s)
+            for kind, run in (("logprobs", learner.logprobs), ("train", learner.train)):
+                if kind in times[name]:
+                    seconds = timed(lambda: run(batch))
+                    if repeat:
+                        times[name][kind].append(seconds)
     width = max(len(name) for name in sides)
     print(f"{'':{width}} {'token slots':>12} {'pad frac':>9} {'logprobs s':>11} {'train s':>9} {'train tok/s':>12}")
     medians = {}
     for name, learner in sides.items():
         slots = token_slots(learner, batch)
-        medians[name] = {kind: statistics.median(values) for kind, values in times[name].items() if None not in values}
+        medians[name] = {kind: statistics.median(values) for kind, values in times[name].items()}
         train = f"{medians[name]['train']:>9.3f} {useful / medians[name]['train']:>12.0f}" if name in trains else ""
         print(f"{name:{width}} {slots:>12} {1 - useful / slots:>9.3f} {medians[name]['logprobs']:>11.3f} {train}")
     ratio = {kind: medians["packed"][kind] / medians["padded"][kind] for kind in ("logprobs", "train")}
     print(f"packed / padded: token slots {token_slots(sides['packed'], batch) / token_slots(padded, batch):.3f}, "
           f"logprobs time {ratio['logprobs']:.3f}, train time {ratio['train']:.3f}, "
           f"train tokens/s {1 / ratio['train']:.3f}x")
-    for name in [name for name in sides if name not in trains]:
-        base = name.split(",")[0]
+    for name, base in bases.items():
         print(f"{name} / {base}: logprobs time {medians[name]['logprobs'] / medians[base]['logprobs']:.3f}")
 
 

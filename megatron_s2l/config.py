@@ -349,6 +349,11 @@ class OptimConfig:
     pack_row_tokens: int = 0  # token budget of one packed row; 0: the longest sequence of the batch shard
     # (a packed row is then never longer than a padded one); a longer sequence gets a row of its own
 
+    @property
+    def logprob_micro_batch(self) -> int:
+        """Sequences (packed rows) per micro-batch of the forward-only log-prob passes."""
+        return self.logprob_micro_batch_size or self.micro_batch_size
+
     def validate(self, at: str) -> list[str]:
         errors = _positive(self, at, "lr", "ppo_epochs", "mini_batch_prompts", "micro_batch_size")
         if self.logprob_micro_batch_size < 0:

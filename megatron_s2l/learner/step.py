@@ -123,8 +123,8 @@ class Learner:
         for chunk in chunks:
             chunk.eval()
         rows = _data_parallel_rows(batch.size)
-        size = self.optim_config.logprob_micro_batch_size or self.optim_config.micro_batch_size
-        micro = self._micro_batches(batch.tokens[rows], batch.response_mask[rows], {}, size)
+        micro = self._micro_batches(batch.tokens[rows], batch.response_mask[rows], {},
+                                    self.optim_config.logprob_micro_batch)
         # a replica with no rows (batch smaller than DP) skips the schedule: its model-parallel peers do too
         outputs = self._schedule(chunks, micro, self._logprob_output, forward_only=True) if micro else []
         local = torch.zeros(len(rows), batch.tokens.shape[1] - 1, device=self.device)  # [b, L-1]

@@ -39,6 +39,9 @@ ROWS, LENGTH, GROUPS = 8, 65, 2  # inputs of 64 tokens; 2 groups of 4 -> one opt
 OPTIM = OptimConfig(lr=1e-4, clip_grad=0.0, mini_batch_prompts=GROUPS, micro_batch_size=4, logprob_chunk_size=0)
 LOSS = LossConfig(kl_coef=0.0, entropy_coef=0.01)
 SEED = 3
+# the docstring's tolerances per precision (compare()'s keyword bounds)
+FP32_BOUNDS = dict(logprob_max=1e-2, logprob_mean=2e-3, grad_rel=2e-2, grad_cos=0.999)
+FP8_BOUNDS = dict(logprob_max=0.3, logprob_mean=6e-2, grad_rel=0.35, grad_cos=0.95)
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +143,7 @@ def compare(name: str, reference: dict, model: ModelConfig, path: str, fp8: FP8C
 
 def test_te_fp32_learner_matches_local_spec(hf_model, reference):
     model, path = hf_model
-    compare("TE FP32", reference, model, path, FP8Config(), warm_up=False,
-            logprob_max=1e-2, logprob_mean=2e-3, grad_rel=2e-2, grad_cos=0.999)
+    compare("TE FP32", reference, model, path, FP8Config(), warm_up=False, **FP32_BOUNDS)
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed", "blockwise", "mxfp8"])
@@ -153,7 +155,7 @@ def test_te_fp8_learner_close_to_reference(hf_model, reference, recipe):
         pytest.skip(f"fp8.recipe='mxfp8' needs compute capability >= 10.0 (Blackwell); this GPU has {major}.{minor}")
     model, path = hf_model
     compare(f"FP8 {recipe}", reference, model, path, FP8Config(enabled=True, recipe=recipe),
-            warm_up=recipe == "delayed", logprob_max=0.3, logprob_mean=6e-2, grad_rel=0.35, grad_cos=0.95)
+            warm_up=recipe == "delayed", **FP8_BOUNDS)
 
 
 @pytest.mark.parametrize("recompute, fp8", [("selective", FP8Config()), ("full", FP8Config()),
@@ -164,10 +166,9 @@ def test_te_learner_with_recomputation_keeps_its_bounds(hf_model, reference, rec
     the bounds of the same precision without recomputation hold (on CPU the step is bit-identical:
     tests/distributed/test_recompute.py)."""
     model, path = hf_model
-    bounds = (dict(logprob_max=0.3, logprob_mean=6e-2, grad_rel=0.35, grad_cos=0.95) if fp8.enabled else
-              dict(logprob_max=1e-2, logprob_mean=2e-3, grad_rel=2e-2, grad_cos=0.999))
     compare(f"TE {'FP8' if fp8.enabled else 'FP32'}, recompute {recompute}", reference,
-            dataclasses.replace(model, recompute=recompute), path, fp8, warm_up=False, **bounds)
+            dataclasses.replace(model, recompute=recompute), path, fp8, warm_up=False,
+            **(FP8_BOUNDS if fp8.enabled else FP32_BOUNDS))
 
 
 def test_te_bf16_model_close_to_reference(hf_model, reference):
