@@ -3,9 +3,10 @@
 A batch of --groups x --group-size sequences with the spread of RL rollouts: prompts of 32-96 tokens,
 response lengths log-normal (median --median-response, sigma 0.8, clipped to 8..--max-response), so a
 few long responses set the padded length of their micro-batch. Padded: --micro-batch-size sequences per
-micro-batch, trimmed to the longest. Packed: rows of at most the longest sequence of the batch (the
-`pack_row_tokens=0` default), --micro-batch-size rows per micro-batch, so a micro-batch never holds more
-token slots than a padded one. Both sides run the same Learner (local layer spec, FP32, TP=1) on the
+micro-batch, trimmed to the longest. Packed: the `pack_row_tokens=0` default, rows of the budget between the
+longest sequence L of the batch and 2L that leaves the fewest token slots, with micro-batches of at most
+--micro-batch-size x L slots, never more than a padded one holds; "packed, rows of L": rows of at most L,
+--micro-batch-size rows per micro-batch (the rule before the budget was chosen per batch). All sides run the same Learner (local layer spec, FP32, TP=1) on the
 same weights; each measurement alternates padded and packed so drift on a shared machine hits both.
 With --logprob-micro-batch-size N, two more sides run only the log-prob pass, cut into micro-batches of N
 sequences (padded) or N rows (packed) through `optim.logprob_micro_batch_size`: the forward-only passes keep
@@ -86,7 +87,10 @@ def main() -> None:
     parser.add_argument("--logprob-micro-batch-size", type=int, default=0, help="0: no log-prob-only sides")
     args = parser.parse_args()
     model, optim = job_configs(args)
-    trains = {"padded": optim, "packed": dataclasses.replace(optim, pack_sequences=True)}
+    batch = make_batch(args)
+    longest = batch.tokens.shape[1] - 1  # the longest sequence, through its last response token
+    trains = {"padded": optim, "packed": dataclasses.replace(optim, pack_sequences=True),
+              "packed, rows of L": dataclasses.replace(optim, pack_sequences=True, pack_row_tokens=longest)}
     # log-prob-only sides, each against the training side it cuts differently (training ignores the setting)
     bases = {f"{name}, log-prob micro-batch {args.logprob_micro_batch_size}": name
              for name in trains if args.logprob_micro_batch_size}
@@ -97,7 +101,6 @@ def main() -> None:
     padded = sides["padded"]
     for learner in list(sides.values())[1:]:
         learner.model_chunks[0].load_state_dict(padded.model_chunks[0].state_dict())
-    batch = make_batch(args)
     batch.old_logprobs = padded.logprobs(batch)
     lengths = torch.where(batch.response_mask, torch.arange(batch.response_mask.shape[1]), 0).max(1).values + 1
     useful = int(lengths.sum())
@@ -120,10 +123,10 @@ def main() -> None:
         medians[name] = {kind: statistics.median(values) for kind, values in times[name].items()}
         train = f"{medians[name]['train']:>9.3f} {useful / medians[name]['train']:>12.0f}" if name in trains else ""
         print(f"{name:{width}} {slots:>12} {1 - useful / slots:>9.3f} {medians[name]['logprobs']:>11.3f} {train}")
-    ratio = {kind: medians["packed"][kind] / medians["padded"][kind] for kind in ("logprobs", "train")}
-    print(f"packed / padded: token slots {token_slots(sides['packed'], batch) / token_slots(padded, batch):.3f}, "
-          f"logprobs time {ratio['logprobs']:.3f}, train time {ratio['train']:.3f}, "
-          f"train tokens/s {1 / ratio['train']:.3f}x")
+    for name in ("packed, rows of L", "packed"):
+        print(f"{name} / padded: token slots {token_slots(sides[name], batch) / token_slots(padded, batch):.3f}, "
+              f"logprobs time {medians[name]['logprobs'] / medians['padded']['logprobs']:.3f}, "
+              f"train time {medians[name]['train'] / medians['padded']['train']:.3f}")
     for name, base in bases.items():
         print(f"{name} / {base}: logprobs time {medians[name]['logprobs'] / medians[base]['logprobs']:.3f}")
 

@@ -10,6 +10,8 @@ the prompt's answer (the project's `MathScorer`, one batch per step on the TRL s
 Sides, each a fresh process run in alternation (A B A B ...), so that load on a shared machine hits all alike:
   megatron     `megatron_s2l.loop.train` (Megatron-Core learner, in-process vLLM engine)
   megatron_compiled  the same with the engine compiled (`learner_engine.enforce_eager=false`): slower start
+  megatron_packed    `megatron` with sequence packing (`optim.pack_sequences`, rows sized per batch): the
+               sequences (68-88 tokens) share rows instead of padding to the longest; TRL's GRPO has no such mode
   trl          TRL GRPOTrainer generating with HF `generate`
   trl_malloc   the same, with glibc told to keep freed memory through its environment variables, as
                megatron-s2l's CPU shims do (`KEEP_FREED_MEMORY_ENV`): what TRL gains from that setting alone
@@ -26,7 +28,7 @@ steps 3..N of every run of a side, the spread of the per-run medians, the ratio 
 resident memory of the process, and the time from process launch to the end of the first step.
 
 Usage: .venv/bin/python bench/bench_vs_trl.py [--rounds 2] [--steps 12]
-       [--sides megatron megatron_compiled trl trl_malloc] [--trl-python PATH] [--threads 2] [--out DIR]
+       [--sides megatron megatron_compiled megatron_packed trl trl_malloc] [--trl-python PATH] [--threads 2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS_PER_STEP, GROUP_SIZE, MAX_NEW_TOKENS, LR, KL_COEF, SEED = 16, 8, 48, 1e-5, 0.001, 1234
-SIDES = ("megatron", "megatron_compiled", "trl", "trl_malloc")
+SIDES = ("megatron", "megatron_compiled", "megatron_packed", "trl", "trl_malloc")
 PHASES = ("generation", "reward", "old_logprobs", "ref_logprobs", "update", "refit")
 WARM_UP_STEPS = 2  # steps left out of the medians (engine warm-up, first allocations)
 MAX_PROMPT_LENGTH = 112  # the engine's 160 tokens minus 48 new ones; the prompts have at most 40
@@ -92,7 +94,8 @@ def phase_seconds(current: dict[str, float], whole: float) -> dict[str, float]:
 
 # -- the megatron-s2l side --------------------------------------------------------------------------------
 
-def run_megatron(model_dir: Path, prompts: Path, steps: int, launched: float, *, compiled: bool = False) -> dict:
+def run_megatron(model_dir: Path, prompts: Path, steps: int, launched: float, *, compiled: bool = False,
+                 packed: bool = False) -> dict:
     """Train `steps` steps with the project's loop; per-step phase seconds from its metrics."""
     import megatron_s2l.loop as loop
     from megatron_s2l.config import S2LConfig
@@ -104,7 +107,8 @@ def run_megatron(model_dir: Path, prompts: Path, steps: int, launched: float, *,
         "learner_sampling": {"temperature": 1.0, "max_new_tokens": MAX_NEW_TOKENS},
         "explorer": {"source": "none"}, "schedule": {"group_size": GROUP_SIZE},
         "loss": {"kl_coef": KL_COEF, "kl_type": "k3"},
-        "optim": {"lr": LR, "mini_batch_prompts": PROMPTS_PER_STEP, "micro_batch_size": PROMPTS_PER_STEP * GROUP_SIZE},
+        "optim": {"lr": LR, "mini_batch_prompts": PROMPTS_PER_STEP, "micro_batch_size": PROMPTS_PER_STEP * GROUP_SIZE,
+                  "pack_sequences": packed},
         "data": {"train_path": str(prompts), "prompt_template": "raw", "max_prompt_length": MAX_PROMPT_LENGTH},
     })
     current: dict[str, float] = {}
@@ -214,7 +218,7 @@ def child(args) -> None:
     model_dir, prompts = out / "model", out / "prompts.jsonl"
     if args.side.startswith("megatron"):
         result = run_megatron(model_dir, prompts, args.steps, args.launched,
-                              compiled=args.side == "megatron_compiled")
+                              compiled=args.side == "megatron_compiled", packed=args.side == "megatron_packed")
     else:
         result = run_trl(model_dir, prompts, args.steps, args.launched, out)
     import torch

@@ -346,8 +346,9 @@ class OptimConfig:
     pack_sequences: bool = False  # pack several sequences into each row instead of padding every sequence
     # to the micro-batch's longest (block-diagonal attention; THD PackedSeqParams with the TE layer spec);
     # micro_batch_size then counts packed rows
-    pack_row_tokens: int = 0  # token budget of one packed row; 0: the longest sequence of the batch shard
-    # (a packed row is then never longer than a padded one); a longer sequence gets a row of its own
+    pack_row_tokens: int = 0  # token budget of one packed row (a longer sequence gets a row of its own);
+    # 0: the budget between the batch shard's longest sequence L and 2L that leaves the fewest padding slots,
+    # with micro-batches of at most micro_batch_size x L slots, never more than padded micro-batches hold
 
     @property
     def logprob_micro_batch(self) -> int:
@@ -362,8 +363,7 @@ class OptimConfig:
         if self.logprob_chunk_size < 0:
             errors.append(f"{at}.logprob_chunk_size={self.logprob_chunk_size}: must be >= 0 (0: no chunking)")
         if self.pack_row_tokens < 0:
-            errors.append(f"{at}.pack_row_tokens={self.pack_row_tokens}: must be >= 0 (0: the longest sequence "
-                          f"of the batch shard)")
+            errors.append(f"{at}.pack_row_tokens={self.pack_row_tokens}: must be >= 0 (0: chosen per batch)")
         if not 0 <= self.min_lr <= self.lr:
             errors.append(f"{at}.min_lr={self.min_lr}: must be in [0, {at}.lr={self.lr}]")
         if self.lr_warmup_steps < 0:

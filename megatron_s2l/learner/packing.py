@@ -1,8 +1,9 @@
 """Sequence packing: several variable-length sequences per row instead of one padded row each.
 
 Pure torch (tensors in, tensors out). `plan_packing` places sequences into rows of at most a token
-budget (first-fit decreasing) and groups the rows into micro-batches; the rest turns a plan into what
-attention needs and moves [n, L] per-sequence tensors into packed [R, T] rows and back.
+budget (first-fit decreasing) and groups the rows into micro-batches, `tightest_packing` picks the budget
+that wastes least; the rest turns a plan into what attention needs and moves [n, L] per-sequence tensors
+into packed [R, T] rows and back.
 
 Within a packed row every position belongs to one segment: a sequence, or the row's padding tail
 (a segment of its own, so that every query attends to at least itself). Attention is causal inside a
@@ -76,6 +77,26 @@ def plan_packing(lengths: Tensor, row_tokens: int, rows_per_micro_batch: int) ->
         plans.append(PackedMicroBatch(torch.tensor(sequences, dtype=torch.long), row, offset, length,
                                       num_rows, row_length))
     return plans
+
+
+def tightest_packing(lengths: Tensor, rows_per_micro_batch: int, budgets: int = 9) -> list[PackedMicroBatch]:
+    """`plan_packing` at the row budget that computes the fewest token slots, among `budgets` budgets spaced
+    evenly from the longest sequence L to 2L; a budget B gets `rows_per_micro_batch * L // B` rows per
+    micro-batch, so that no micro-batch holds more slots than `rows_per_micro_batch` padded rows of L.
+
+    Rows of L cannot pair sequences longer than L/2: when lengths bunch near the longest (similar prompts,
+    responses that run to the token limit) they pad as much as padding does, and a longer row that takes
+    two or more sequences packs them tightly. Ties go to the shorter rows (less attention per token).
+    """
+    longest = int(lengths.max())
+    best_slots, best = None, []
+    for k in range(budgets):
+        budget = longest + longest * k // max(budgets - 1, 1)
+        plans = plan_packing(lengths, budget, max(1, rows_per_micro_batch * longest // budget))
+        slots = sum(plan.num_rows * plan.row_length for plan in plans)
+        if best_slots is None or slots < best_slots:
+            best_slots, best = slots, plans
+    return best
 
 
 def _positions(plan: PackedMicroBatch, length: int) -> tuple[Tensor, Tensor]:

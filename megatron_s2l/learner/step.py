@@ -42,7 +42,8 @@ from megatron_s2l.config import FP8Config, LossConfig, ModelConfig, OptimConfig,
 from megatron_s2l.learner.cpu_shims import on_cpu
 from megatron_s2l.learner.hf_weights import load_hf_weights
 from megatron_s2l.learner.model import build_model, init_parallel, logits_only_at, transformer_config
-from megatron_s2l.learner.packing import block_causal_mask, cu_seqlens, pack, plan_packing, segment_ids, unpack
+from megatron_s2l.learner.packing import (block_causal_mask, cu_seqlens, pack, plan_packing, segment_ids,
+                                             tightest_packing, unpack)
 from megatron_s2l.types import TrainBatch
 
 # tensors by name ("rows": the shard rows it holds; "packing": a PackedMicroBatch when packed)
@@ -311,7 +312,8 @@ class Learner:
         positions = torch.arange(mask.shape[1])  # [L-1]
         lengths = torch.where(mask, positions, 0).max(1).values + 1  # [b] through each row's last masked token
         if self.optim_config.pack_sequences:
-            plans = plan_packing(lengths, self.optim_config.pack_row_tokens or int(lengths.max()), size)
+            budget = self.optim_config.pack_row_tokens
+            plans = plan_packing(lengths, budget, size) if budget else tightest_packing(lengths, size)
             parts = [(plan.sequences, plan) for plan in plans]
         else:
             parts = [(torch.arange(start, min(start + size, len(lengths))), None)

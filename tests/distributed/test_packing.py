@@ -25,6 +25,7 @@ from tests.multiprocess import run_ranks
 # rows of at most 16 tokens, 2 per micro-batch: the 10 sequences (5-13 tokens) fill 7 rows, 4 micro-batches
 PADDED = OptimConfig(lr=1e-2, clip_grad=1.0, mini_batch_prompts=5, micro_batch_size=3)
 PACKED = dataclasses.replace(PADDED, pack_sequences=True, pack_row_tokens=16, micro_batch_size=2)
+AUTO_PACKED = dataclasses.replace(PACKED, pack_row_tokens=0)  # the row budget chosen per batch shard
 LOSS = LossConfig(kl_coef=0.05, kl_type="k3", entropy_coef=0.01, aggregation="seq-mean-token-mean")
 STEPS = 3
 SEED = 11
@@ -50,10 +51,10 @@ def _grads(learner) -> dict[str, torch.Tensor]:
     return {name: param.main_grad.detach().clone() for name, param in learner.model_chunks[0].named_parameters()}
 
 
-def _compare(parallel: ParallelConfig) -> dict:
-    """Padded vs packed on this layout: log-probs, one GRPO step with its gradients, SFT, a training curve."""
+def _compare(parallel: ParallelConfig, packed: OptimConfig = PACKED) -> dict:
+    """Padded vs `packed` on this layout: log-probs, one GRPO step with its gradients, SFT, a training curve."""
     batch = make_batch()
-    reference, learner = _learners(parallel, PADDED, PACKED)
+    reference, learner = _learners(parallel, PADDED, packed)
     out = {"logprobs": (reference.logprobs(batch), learner.logprobs(batch))}
     batch.old_logprobs = batch.ref_logprobs = out["logprobs"][0]
     out["steps"], out["grads"] = [], []
@@ -86,10 +87,10 @@ def _rope_scores(learner, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _data_parallel(rank, world_size):
-    """DP=2, TP=1: padded vs packed, RoPE at an offset, and PPO epochs against explicitly ordered mini-batches."""
+    """DP=2, TP=1: padded vs packed (row budget chosen per shard), RoPE at an offset, and PPO epochs against explicitly ordered mini-batches."""
     from megatron_s2l.learner.step import _epoch_group_order
 
-    out = _compare(ParallelConfig())
+    out = _compare(ParallelConfig(), AUTO_PACKED)
     # two PPO epochs of 2-group mini-batches, packed, against one epoch each over mini-batches taken in
     # the order the Learner must draw (its seed and optimizer-step count 0)
     epochs = dataclasses.replace(PACKED, ppo_epochs=2, mini_batch_prompts=2)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatron_s2l.learner.packing import (block_causal_mask, cu_seqlens, pack, plan_packing, segment_ids,
-                                          unpack)
+                                          tightest_packing, unpack)
 
 
 def test_first_fit_decreasing_plan_by_hand():
@@ -79,6 +79,39 @@ def test_plan_covers_every_sequence_once_and_respects_the_budget():
             assert int((segments == slot).sum()) == int(lengths[sequence])
         tokens = torch.arange(1, len(plan.sequences) + 1)[:, None].expand(-1, 40)  # [n, 40]
         assert torch.equal(unpack(pack(tokens, plan), plan, 40), tokens * (torch.arange(40) < plan.length[:, None]))
+
+
+def _slots(plans) -> int:
+    return sum(plan.num_rows * plan.row_length for plan in plans)
+
+
+def test_tightest_packing_pairs_sequences_that_bunch_near_the_longest():
+    # budgets 10, 11, 12, 13, 15, 16, 17, 18, 20 (10 + 10k//8); one micro-batch whatever the budget
+    # 10-15: no pair fits, 4 rows x 10 = 40 slots; 16: [10] [9] [8 8], 3 x 16 = 48; 17: [10] [9 8] [8], 3 x 17 = 51;
+    # 18: [10 8] [9 8], 2 x 18 = 36; 20: [10 9] [8 8], 2 x 19 = 38
+    (plan,) = tightest_packing(torch.tensor([10, 9, 8, 8]), rows_per_micro_batch=100)
+    assert (plan.num_rows, plan.row_length) == (2, 18)
+    assert plan.row.tolist() == [0, 1, 0, 1] and plan.offset.tolist() == [0, 0, 10, 9]
+
+
+def test_tightest_packing_keeps_the_shortest_rows_on_a_tie():
+    (plan,) = tightest_packing(torch.tensor([10, 5, 5]), rows_per_micro_batch=100)  # [10] [5 5]: no padding
+    assert (plan.num_rows, plan.row_length) == (2, 10)
+
+
+def test_tightest_packing_never_exceeds_a_padded_micro_batch():
+    # 2 padded rows of the longest (10) hold 20 slots: budget 10 cuts micro-batches of rows [10] [9] and [8] [8]
+    # (20 + 16 = 36 slots); budgets 11-20 one row per micro-batch, the first of them (11) one sequence per row:
+    # 35 slots, no padding
+    plans = tightest_packing(torch.tensor([10, 9, 8, 8]), rows_per_micro_batch=2)
+    assert [(plan.num_rows, plan.row_length) for plan in plans] == [(1, 10), (1, 9), (1, 8), (1, 8)]
+    assert _slots(plans) == 35
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(40, 61, (64,), generator=g)  # [n], 3,200 tokens, the longest 60
+    plans = tightest_packing(lengths, rows_per_micro_batch=16)
+    assert all(plan.num_rows * plan.row_length <= 16 * 60 for plan in plans)
+    assert torch.cat([plan.sequences for plan in plans]).sort().values.tolist() == list(range(64))
+    assert _slots(plans) == 3255 and _slots(plan_packing(lengths, 60, 16)) == 3344  # rows of the longest
 
 
 def test_bad_budget_is_rejected():
