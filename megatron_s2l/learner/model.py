@@ -139,12 +139,16 @@ def build_model(model: ModelConfig, config: TransformerConfig) -> GPTModel:
 
 @contextlib.contextmanager
 def logits_only_at(model: torch.nn.Module, scored: torch.Tensor):
-    """While active, the last stage's output layer projects only the hidden states at `scored` positions.
+    """While active, the last stage computes only the hidden states at `scored` positions past the final
+    layer's attention: that layer's MLP block, the final norm and the output layer.
 
     `scored`: bool, the model input's [b, s] layout (THD: [1, s]), True where a target is scored. The
     model then returns logits [1, N, V/TP] for the N scored positions in row-major order instead of
     [b, s, V/TP]: prompt and padding positions cost no vocabulary projection and no log-prob arithmetic,
-    as TRL's `logits_to_keep` skips the prompt. `model` may be wrapped (DDP); other stages run unchanged.
+    as TRL's `logits_to_keep` skips the prompt, and no final MLP either (the MLP and norms act on each
+    position alone; the final attention still reads every position's keys and values). The selection
+    moves back to the output layer's input where the final MLP cannot take it (`_final_mlp_selectable`).
+    `model` may be wrapped (DDP); other stages run unchanged.
     """
     gpt = unwrap_model(model)
     output_layer = getattr(gpt, "output_layer", None) if gpt.post_process else None
@@ -155,13 +159,30 @@ def logits_only_at(model: torch.nn.Module, scored: torch.Tensor):
         raise ValueError("logits_only_at: the output layer is sequence-parallel; its input is a shard of the "
                          "sequence, so positions cannot be selected before it gathers them")
 
-    def select(_, args):
-        hidden = args[0]  # [s, b, h]
-        return (hidden.transpose(0, 1)[scored.reshape(hidden.shape[1], hidden.shape[0])].unsqueeze(1),
-                *args[1:])  # [N, 1, h]
+    def select(hidden):  # [s, b, h] -> [N, 1, h]
+        return hidden.transpose(0, 1)[scored.reshape(hidden.shape[1], hidden.shape[0])].unsqueeze(1)
 
-    handle = output_layer.register_forward_pre_hook(select)
+    if _final_mlp_selectable(gpt):
+        final = gpt.decoder.layers[-1]
+        forward_mlp = final._forward_mlp  # an instance attribute shadows the method while active
+        final._forward_mlp = lambda hidden, *args, **kwargs: forward_mlp(select(hidden), *args, **kwargs)
+        try:
+            yield
+        finally:
+            del final._forward_mlp
+        return
+    handle = output_layer.register_forward_pre_hook(lambda _, args: (select(args[0]), *args[1:]))
     try:
         yield
     finally:
         handle.remove()
+
+
+def _final_mlp_selectable(gpt: GPTModel) -> bool:
+    """Whether the final layer's MLP block may run on the scored positions alone: not under full-layer
+    recomputation in training (the backward re-runs the layer after the selection is gone), nor in FP8
+    (its GEMMs need token counts in multiples of 16), nor for a mixture of experts (the router's padding
+    mask keeps the [b, s] layout)."""
+    layers = gpt.decoder.layers
+    return (len(layers) > 0 and not gpt.config.fp8 and not getattr(layers[-1], "is_moe_layer", False)
+            and not (gpt.training and gpt.config.recompute_granularity == "full"))

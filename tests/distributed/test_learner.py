@@ -286,35 +286,50 @@ def test_learner_scores_only_the_real_ids_of_a_vocabulary_tp_does_not_divide(tmp
 
 
 def _logits_at_scored_positions(rank, world_size):
-    """One Learner model's full logits and its logits under `logits_only_at`, and what the output layer saw."""
+    """One Learner model's full logits and its logits under `logits_only_at`, and what the output layer and
+    the final MLP saw; then what they see in training under full-layer recomputation."""
     from megatron_s2l.learner.model import logits_only_at
     from megatron_s2l.learner.step import Learner
+
+    def inputs_seen(learner):
+        seen = {"output": [], "final_mlp": []}
+        gpt = learner.model_chunks[0]
+        for name, module in (("output", gpt.output_layer), ("final_mlp", gpt.decoder.layers[-1].mlp)):
+            module.register_forward_hook(lambda _, args, out, name=name: seen[name].append(tuple(args[0].shape)))
+        return seen
 
     learner = Learner(MODEL, ParallelConfig(), OPTIM, LOSS, FP8Config(), seed=SEED, with_reference=False)
     model = learner.ddp_chunks[0]  # wrapped in DDP, as the schedule passes it
     batch = make_batch()
     tokens = batch.tokens[:, :-1]  # [B, L-1]
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    seen = []
-    learner.model_chunks[0].output_layer.register_forward_hook(lambda _, args, out: seen.append(args[0].shape))
+    seen = inputs_seen(learner)
     with torch.no_grad():
         full = model(tokens, positions, None)  # [B, L-1, V]
         with logits_only_at(model, batch.response_mask):
             selected = model(tokens, positions, None)  # [1, N, V]
         after = model(tokens, positions, None)
-    return full, selected, after, seen
+    recomputing = Learner(dataclasses.replace(MODEL, recompute="full"), ParallelConfig(), OPTIM, LOSS, FP8Config(),
+                          seed=SEED, with_reference=False)
+    seen_recomputing = inputs_seen(recomputing)
+    model = recomputing.ddp_chunks[0].train()
+    with logits_only_at(model, batch.response_mask):
+        model(tokens, positions, None).sum().backward()
+    return full, selected, after, seen, seen_recomputing
 
 
 @pytest.mark.distributed
 def test_logits_only_at_projects_only_the_scored_positions():
-    full, selected, after, seen = run_ranks(_logits_at_scored_positions, 1, timeout=TIMEOUT)[0]
+    full, selected, after, seen, seen_recomputing = run_ranks(_logits_at_scored_positions, 1, timeout=TIMEOUT)[0]
     mask = make_batch().response_mask
     n = int(mask.sum())
     assert 0 < n < mask.numel()
-    # the output layer received the N scored hidden states only, and the hook is gone afterwards
-    assert [tuple(shape) for shape in seen] == [(mask.shape[1], mask.shape[0], MODEL.hidden_size),
-                                                (n, 1, MODEL.hidden_size),
-                                                (mask.shape[1], mask.shape[0], MODEL.hidden_size)]
+    every, scored = (mask.shape[1], mask.shape[0], MODEL.hidden_size), (n, 1, MODEL.hidden_size)
+    # the final MLP and the output layer received the N scored hidden states only, and the selection is
+    # gone afterwards; under full recomputation in training the final MLP sees every position (in the
+    # forward and again in the backward's recomputation) and the output layer the scored ones
+    assert seen == {"output": [every, scored, every], "final_mlp": [every, scored, every]}
+    assert seen_recomputing == {"output": [scored], "final_mlp": [every, every]}
     assert selected.shape == (1, n, full.shape[-1])
     torch.testing.assert_close(selected[0], full[mask], rtol=0, atol=1e-5)  # row-major order of the mask
     assert torch.equal(after, full)
