@@ -347,8 +347,9 @@ class OptimConfig:
     # to the micro-batch's longest (block-diagonal attention; THD PackedSeqParams with the TE layer spec);
     # micro_batch_size then counts packed rows
     pack_row_tokens: int = 0  # token budget of one packed row (a longer sequence gets a row of its own);
-    # 0: the budget between the batch shard's longest sequence L and 2L that leaves the fewest padding slots,
-    # with micro-batches of at most micro_batch_size x L slots, never more than padded micro-batches hold
+    # 0: chosen per batch shard between its longest sequence L and 2L, weighing padding slots against the
+    # attention longer rows cost, with micro-batches of at most micro_batch_size x L token slots (never
+    # more than padded micro-batches hold)
 
     @property
     def logprob_micro_batch(self) -> int:

@@ -9,6 +9,7 @@ product (`learner.mlp`); the Transformer Engine spec (`layer_spec="te"`) is impo
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 
@@ -135,6 +136,17 @@ def build_model(model: ModelConfig, config: TransformerConfig) -> GPTModel:
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     return gpt
+
+
+def attention_span(model: ModelConfig) -> float:
+    """Row length T at which a packed position's block-masked attention (T keys: a score and a weighted value
+    per key and head) costs as much as its position-wise work (the projections and the SwiGLU MLP, in
+    multiply-adds per position); infinite for the TE spec, whose THD attention skips the masked blocks."""
+    if model.layer_spec == "te":
+        return math.inf
+    h, q = model.hidden_size, model.num_attention_heads * model.kv_channels
+    kv = model.num_query_groups * model.kv_channels
+    return (2 * h * q + 2 * h * kv + 3 * h * model.ffn_hidden_size) / (2 * q)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,8 @@
 """Sequence packing: several variable-length sequences per row instead of one padded row each.
 
 Pure torch (tensors in, tensors out). `plan_packing` places sequences into rows of at most a token
-budget (first-fit decreasing) and groups the rows into micro-batches, `tightest_packing` picks the budget
-that wastes least; the rest turns a plan into what attention needs and moves [n, L] per-sequence tensors
+budget (first-fit decreasing) and groups the rows into micro-batches, `cheapest_packing` picks the budget
+that costs least; the rest turns a plan into what attention needs and moves [n, L] per-sequence tensors
 into packed [R, T] rows and back.
 
 Within a packed row every position belongs to one segment: a sequence, or the row's padding tail
@@ -16,6 +16,7 @@ an offset scores the same as the sequence alone (tests/distributed/test_packing.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,23 +80,28 @@ def plan_packing(lengths: Tensor, row_tokens: int, rows_per_micro_batch: int) ->
     return plans
 
 
-def tightest_packing(lengths: Tensor, rows_per_micro_batch: int, budgets: int = 9) -> list[PackedMicroBatch]:
-    """`plan_packing` at the row budget that computes the fewest token slots, among `budgets` budgets spaced
-    evenly from the longest sequence L to 2L; a budget B gets `rows_per_micro_batch * L // B` rows per
-    micro-batch, so that no micro-batch holds more slots than `rows_per_micro_batch` padded rows of L.
+def cheapest_packing(lengths: Tensor, rows_per_micro_batch: int, attention_span: float = math.inf,
+                     budgets: int = 9) -> list[PackedMicroBatch]:
+    """`plan_packing` at the cheapest of `budgets` row budgets spaced evenly from the longest sequence L to 2L;
+    a budget B gets `rows_per_micro_batch * L // B` rows per micro-batch, so that no micro-batch holds more
+    slots than `rows_per_micro_batch` padded rows of L.
 
     Rows of L cannot pair sequences longer than L/2: when lengths bunch near the longest (similar prompts,
-    responses that run to the token limit) they pad as much as padding does, and a longer row that takes
-    two or more sequences packs them tightly. Ties go to the shorter rows (less attention per token).
+    responses that run to the token limit) they pad as much as padding does, and longer rows that take two
+    or more sequences pack them tightly. But block-masked attention computes all T x T scores of a row, so
+    longer rows cost more per position: a micro-batch of R rows of T costs R x T x (1 + T / attention_span),
+    where `attention_span` is the row length at which a position's attention costs as much as its
+    position-wise work (projections and MLP); infinite for attention that skips the masked blocks (THD),
+    where the cost is the slot count. Ties go to the shorter rows.
     """
     longest = int(lengths.max())
-    best_slots, best = None, []
+    best_cost, best = math.inf, []
     for k in range(budgets):
         budget = longest + longest * k // max(budgets - 1, 1)
         plans = plan_packing(lengths, budget, max(1, rows_per_micro_batch * longest // budget))
-        slots = sum(plan.num_rows * plan.row_length for plan in plans)
-        if best_slots is None or slots < best_slots:
-            best_slots, best = slots, plans
+        cost = sum(plan.num_rows * plan.row_length * (1 + plan.row_length / attention_span) for plan in plans)
+        if cost < best_cost:
+            best_cost, best = cost, plans
     return best
 
 

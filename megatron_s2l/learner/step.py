@@ -41,9 +41,9 @@ from megatron_s2l.algo.loss import accumulate_metrics, all_reduce_metrics, final
 from megatron_s2l.config import FP8Config, LossConfig, ModelConfig, OptimConfig, ParallelConfig
 from megatron_s2l.learner.cpu_shims import on_cpu
 from megatron_s2l.learner.hf_weights import load_hf_weights
-from megatron_s2l.learner.model import build_model, init_parallel, logits_only_at, transformer_config
-from megatron_s2l.learner.packing import (block_causal_mask, cu_seqlens, pack, plan_packing, segment_ids,
-                                             tightest_packing, unpack)
+from megatron_s2l.learner.model import attention_span, build_model, init_parallel, logits_only_at, transformer_config
+from megatron_s2l.learner.packing import (block_causal_mask, cheapest_packing, cu_seqlens, pack, plan_packing,
+                                             segment_ids, unpack)
 from megatron_s2l.types import TrainBatch
 
 # tensors by name ("rows": the shard rows it holds; "packing": a PackedMicroBatch when packed)
@@ -313,7 +313,8 @@ class Learner:
         lengths = torch.where(mask, positions, 0).max(1).values + 1  # [b] through each row's last masked token
         if self.optim_config.pack_sequences:
             budget = self.optim_config.pack_row_tokens
-            plans = plan_packing(lengths, budget, size) if budget else tightest_packing(lengths, size)
+            plans = (plan_packing(lengths, budget, size) if budget
+                     else cheapest_packing(lengths, size, attention_span(self.model_config)))
             parts = [(plan.sequences, plan) for plan in plans]
         else:
             parts = [(torch.arange(start, min(start + size, len(lengths))), None)

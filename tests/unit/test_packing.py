@@ -1,10 +1,13 @@
 """The packing plan and its tensors against plans worked out by hand (megatron_s2l.learner.packing)."""
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
-from megatron_s2l.learner.packing import (block_causal_mask, cu_seqlens, pack, plan_packing, segment_ids,
-                                          tightest_packing, unpack)
+from megatron_s2l.learner.packing import (block_causal_mask, cheapest_packing, cu_seqlens, pack, plan_packing,
+                                          segment_ids, unpack)
 
 
 def test_first_fit_decreasing_plan_by_hand():
@@ -85,30 +88,47 @@ def _slots(plans) -> int:
     return sum(plan.num_rows * plan.row_length for plan in plans)
 
 
-def test_tightest_packing_pairs_sequences_that_bunch_near_the_longest():
+def test_cheapest_packing_pairs_sequences_that_bunch_near_the_longest():
     # budgets 10, 11, 12, 13, 15, 16, 17, 18, 20 (10 + 10k//8); one micro-batch whatever the budget
     # 10-15: no pair fits, 4 rows x 10 = 40 slots; 16: [10] [9] [8 8], 3 x 16 = 48; 17: [10] [9 8] [8], 3 x 17 = 51;
     # 18: [10 8] [9 8], 2 x 18 = 36; 20: [10 9] [8 8], 2 x 19 = 38
-    (plan,) = tightest_packing(torch.tensor([10, 9, 8, 8]), rows_per_micro_batch=100)
+    (plan,) = cheapest_packing(torch.tensor([10, 9, 8, 8]), rows_per_micro_batch=100)
     assert (plan.num_rows, plan.row_length) == (2, 18)
     assert plan.row.tolist() == [0, 1, 0, 1] and plan.offset.tolist() == [0, 0, 10, 9]
 
 
-def test_tightest_packing_keeps_the_shortest_rows_on_a_tie():
-    (plan,) = tightest_packing(torch.tensor([10, 5, 5]), rows_per_micro_batch=100)  # [10] [5 5]: no padding
+def test_cheapest_packing_weighs_the_attention_of_longer_rows():
+    # attention_span 20: a micro-batch of R rows of T costs R x T x (1 + T / 20); budgets 10-15: 40 x 1.5 = 60,
+    # 18: 36 x 1.9 = 68.4, 20: 38 x 1.95 = 74.1, so the rows stay at the longest sequence
+    (plan,) = cheapest_packing(torch.tensor([10, 9, 8, 8]), rows_per_micro_batch=100, attention_span=20)
+    assert (plan.num_rows, plan.row_length) == (4, 10)
+
+
+def test_attention_span_of_the_local_spec_and_te():
+    from megatron_s2l.config import ModelConfig
+    from megatron_s2l.learner.model import attention_span
+
+    # hidden 256, 8 heads x 32, 4 groups x 32, ffn 768: (2*256*256 + 2*256*128 + 3*256*768) / (2*256)
+    model = ModelConfig(hidden_size=256, num_attention_heads=8, num_query_groups=4, kv_channels=32, ffn_hidden_size=768)
+    assert attention_span(model) == 1536
+    assert attention_span(dataclasses.replace(model, layer_spec="te")) == math.inf
+
+
+def test_cheapest_packing_keeps_the_shortest_rows_on_a_tie():
+    (plan,) = cheapest_packing(torch.tensor([10, 5, 5]), rows_per_micro_batch=100)  # [10] [5 5]: no padding
     assert (plan.num_rows, plan.row_length) == (2, 10)
 
 
-def test_tightest_packing_never_exceeds_a_padded_micro_batch():
+def test_cheapest_packing_never_exceeds_a_padded_micro_batch():
     # 2 padded rows of the longest (10) hold 20 slots: budget 10 cuts micro-batches of rows [10] [9] and [8] [8]
     # (20 + 16 = 36 slots); budgets 11-20 one row per micro-batch, the first of them (11) one sequence per row:
     # 35 slots, no padding
-    plans = tightest_packing(torch.tensor([10, 9, 8, 8]), rows_per_micro_batch=2)
+    plans = cheapest_packing(torch.tensor([10, 9, 8, 8]), rows_per_micro_batch=2)
     assert [(plan.num_rows, plan.row_length) for plan in plans] == [(1, 10), (1, 9), (1, 8), (1, 8)]
     assert _slots(plans) == 35
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(40, 61, (64,), generator=g)  # [n], 3,200 tokens, the longest 60
-    plans = tightest_packing(lengths, rows_per_micro_batch=16)
+    plans = cheapest_packing(lengths, rows_per_micro_batch=16)
     assert all(plan.num_rows * plan.row_length <= 16 * 60 for plan in plans)
     assert torch.cat([plan.sequences for plan in plans]).sort().values.tolist() == list(range(64))
     assert _slots(plans) == 3255 and _slots(plan_packing(lengths, 60, 16)) == 3344  # rows of the longest
