@@ -274,7 +274,8 @@ def summarise(runs: list[dict]) -> str:
         best = min(trl_sides, key=lambda s: rows[s]["median"]["whole"])
         for mine in (s for s in sides if s.startswith("megatron")):
             ratio = rows[mine]["median"]["whole"] / rows[best]["median"]["whole"]
-            slower = [p for p in PHASES if rows[mine]["median"][p] > rows[best]["median"][p] + 1e-3]
+            slower = [p + (" (none on TRL's side)" if rows[best]["median"][p] == 0 else "") for p in PHASES
+                      if rows[mine]["median"][p] > rows[best]["median"][p] + 1e-3]
             lines.append(f"\nwhole step {mine} / {best} (TRL's best here): {ratio:.2f}x; phases slower than "
                          f"{best}: " + (", ".join(slower) if slower else "none"))
     for r in runs:
