@@ -4,9 +4,10 @@ A batch of --groups x --group-size sequences with the spread of RL rollouts: pro
 response lengths log-normal (median --median-response, sigma 0.8, clipped to 8..--max-response), so a
 few long responses set the padded length of their micro-batch. Padded: --micro-batch-size sequences per
 micro-batch, trimmed to the longest. Packed: the `pack_row_tokens=0` default, rows of the budget between the
-longest sequence L of the batch and 2L that leaves the fewest token slots, with micro-batches of at most
---micro-batch-size x L slots, never more than a padded one holds; "packed, rows of L": rows of at most L,
---micro-batch-size rows per micro-batch (the rule before the budget was chosen per batch). All sides run the same Learner (local layer spec, FP32, TP=1) on the
+longest sequence L of the batch and 2L that costs least (padding slots against the attention of longer
+rows, `packing.cheapest_packing`), micro-batches of at most --micro-batch-size x L slots, never more than a
+padded one holds; "packed, rows of L": rows of at most L, --micro-batch-size rows per micro-batch (the rule
+before the budget was chosen per batch). All sides run the same Learner (local layer spec, FP32, TP=1) on the
 same weights; each measurement alternates padded and packed so drift on a shared machine hits both.
 With --logprob-micro-batch-size N, two more sides run only the log-prob pass, cut into micro-batches of N
 sequences (padded) or N rows (packed) through `optim.logprob_micro_batch_size`: the forward-only passes keep

@@ -28,7 +28,8 @@ steps 3..N of every run of a side, the spread of the per-run medians, the ratio 
 resident memory of the process, and the time from process launch to the end of the first step.
 
 Usage: .venv/bin/python bench/bench_vs_trl.py [--rounds 2] [--steps 12]
-       [--sides megatron megatron_compiled megatron_packed trl trl_malloc] [--trl-python PATH] [--threads 2] [--out DIR]
+       [--sides megatron megatron_compiled megatron_packed trl trl_malloc] [--trl-python PATH] [--threads 2]
+       [--out DIR]
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ product (`learner.mlp`); the Transformer Engine spec (`layer_spec="te"`) is impo
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import socket
@@ -178,16 +179,13 @@ def logits_only_at(model: torch.nn.Module, scored: torch.Tensor):
         final = gpt.decoder.layers[-1]
         forward_mlp = final._forward_mlp  # an instance attribute shadows the method while active
         final._forward_mlp = lambda hidden, *args, **kwargs: forward_mlp(select(hidden), *args, **kwargs)
-        try:
-            yield
-        finally:
-            del final._forward_mlp
-        return
-    handle = output_layer.register_forward_pre_hook(lambda _, args: (select(args[0]), *args[1:]))
+        restore = functools.partial(delattr, final, "_forward_mlp")
+    else:
+        restore = output_layer.register_forward_pre_hook(lambda _, args: (select(args[0]), *args[1:])).remove
     try:
         yield
     finally:
-        handle.remove()
+        restore()
 
 
 def _final_mlp_selectable(gpt: GPTModel) -> bool:

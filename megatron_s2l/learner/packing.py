@@ -96,8 +96,7 @@ def cheapest_packing(lengths: Tensor, rows_per_micro_batch: int, attention_span:
     """
     longest = int(lengths.max())
     best_cost, best = math.inf, []
-    for k in range(budgets):
-        budget = longest + longest * k // max(budgets - 1, 1)
+    for budget in sorted({longest + longest * k // max(budgets - 1, 1) for k in range(budgets)}):
         plans = plan_packing(lengths, budget, max(1, rows_per_micro_batch * longest // budget))
         cost = sum(plan.num_rows * plan.row_length * (1 + plan.row_length / attention_span) for plan in plans)
         if cost < best_cost:

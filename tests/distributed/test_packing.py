@@ -87,7 +87,8 @@ def _rope_scores(learner, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _data_parallel(rank, world_size):
-    """DP=2, TP=1: padded vs packed (row budget chosen per shard), RoPE at an offset, and PPO epochs against explicitly ordered mini-batches."""
+    """DP=2, TP=1: padded vs packed (row budget chosen per shard), RoPE at an offset, and PPO epochs against
+    explicitly ordered mini-batches."""
     from megatron_s2l.learner.step import _epoch_group_order
 
     out = _compare(ParallelConfig(), AUTO_PACKED)
